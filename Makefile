@@ -1,0 +1,34 @@
+# The two commands a new machine needs: `make demo` (sample dump → ingest → query) and `make test`.
+# Each creates .venv when pyproject.toml changed; everything runs offline with the tiny profile.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-install
+DEMO    ?= data/demo
+N       ?= 200
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@test -f $(DEMO)/dump/metadata.json || \
+		$(BIN)/mmrag sample-dump $(DEMO)/dump --n $(N) --with-bad
+	MMRAG_PROFILE=tiny MMRAG_DB=$(DEMO)/lancedb $(BIN)/mmrag ingest $(DEMO)/dump
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf data out .pytest_cache .ruff_cache

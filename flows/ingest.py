@@ -1,0 +1,102 @@
+"""The ingest flow: dump → ledger anti-join → Ray decode + CLIP → LanceDB.
+
+Tasks receive paths, table URIs and settings, never image batches; the Ray pipeline runs
+inside one coarse task (Prefect orchestrates, Ray distributes).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from mmrag.progress import progress
+from mmrag.settings import Settings
+from tasks import ingest
+from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
+from tasks.embed import init_ray
+
+
+def _logger():
+    """The run logger inside Prefect; a plain logger when called via ``.fn()`` in tests."""
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        return logging.getLogger("mmrag.ingest")
+
+
+def _in_flow_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+def _call(task_, *args):
+    """Run as a Prefect task inside a flow run; as the plain function under ``.fn()``."""
+    return task_(*args) if _in_flow_run() else task_.fn(*args)
+
+
+def _run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or uuid.uuid4())
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(source: str, settings: Settings, run_id: str) -> tuple[str, dict]:
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    plan_path = Path(settings.work_dir) / run_id / "plan.parquet"
+    counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path)
+    _logger().info("seen %d files, %d unchanged, %d to read", counts.seen,
+                          counts.unchanged, counts.todo)
+    return str(plan_path), counts.as_dict()
+
+
+@task(name="embed-and-write", cache_policy=NO_CACHE)
+def embed_task(plan_path: str, total: int, settings: Settings, run_id: str) -> dict:
+    logger = _logger()
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
+    opts = dict(max_pixels=settings.max_image_pixels, batch_size=settings.batch_size,
+                decode_batch_size=settings.decode_batch_size, actors=settings.embed_actors,
+                actor_cpus=settings.embed_actor_cpus, decode_cpus=settings.decode_cpus,
+                out_rows=settings.commit_rows)
+    with progress(total, "ingest", logger) as advance:
+        counts = ingest.process(Path(plan_path), settings.db, spec, run_id, opts, advance)
+    return counts.as_dict()
+
+
+def merge_counts(planned: dict, done: dict | None) -> dict:
+    out = dict(planned)
+    if done:
+        rejected = dict(planned["rejected"])
+        for stage, n in done["rejected"].items():
+            rejected[stage] = rejected.get(stage, 0) + n
+        out.update({k: done[k] for k in ("ingested", "duplicates", "orphans_removed", "seconds",
+                                         "images_per_s")}, rejected=rejected)
+    return out
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(source: str, settings: Settings | None = None) -> dict:
+    """Ingest the images under SOURCE into the LanceDB database of ``settings.db``."""
+    settings = settings or Settings()
+    logger, run_id = _logger(), _run_id()
+    if settings.is_tiny:
+        logger.warning(TINY_WARNING)
+    plan_path, planned = _call(plan_task, source, settings, run_id)
+    done = (_call(embed_task, plan_path, planned["todo"], settings, run_id)
+            if planned["todo"] else None)
+    summary = merge_counts(planned, done) | {"run_id": run_id, "source": source,
+                                             "db": settings.db, "tiny_profile": settings.is_tiny}
+    if _in_flow_run():
+        create_table_artifact(
+            [{"metric": k, "value": str(v)} for k, v in summary.items()],
+            key="ingest-summary", description=f"ingest of {source}",
+        )
+    logger.info("ingest summary: %s", summary)
+    return summary

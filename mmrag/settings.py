@@ -1,0 +1,66 @@
+"""One place for every option: defaults, ``MMRAG_*`` environment variables, CLI overrides.
+
+Profiles choose the model defaults: ``default`` is real ViT-B-32 weights, ``tiny`` a locally
+built random-weight model for offline runs, tests and CI.  Anything set explicitly wins over
+the profile.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
+    "default": {"clip_model": "ViT-B-32", "clip_pretrained": "laion2b_s34b_b79k"},
+    "tiny": {"clip_model": "mmrag-tiny-clip", "clip_pretrained": "tiny"},
+}
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "mmrag")
+
+
+class Settings(BaseSettings):
+    """Pipeline settings: ``Settings(db=...)`` beats the environment, which beats defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="MMRAG_", extra="ignore")
+
+    db: str = Field("./data/lancedb", description="LanceDB URI (folder or s3://…)")
+    profile: Literal["default", "tiny"] = Field("default", description="model profile")
+    clip_model: str | None = Field(None, description="open_clip model name (profile default)")
+    clip_pretrained: str | None = Field(
+        None, description="open_clip pretrained tag or local checkpoint path (profile default)"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="model precision; auto = fastest safe choice for the device"
+    )
+    batch_size: int = Field(64, ge=1, description="images per model batch")
+    decode_batch_size: int = Field(32, ge=1, description="files per decode task batch")
+    commit_rows: int = Field(2048, ge=1, description="rows per LanceDB commit during ingest")
+    ray_address: str | None = Field(None, description="Ray cluster address; None = local Ray")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None = all)")
+    embed_actors: int = Field(1, ge=1, description="CLIP actors in the Ray actor pool")
+    embed_actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per CLIP actor")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="decompression-bomb guard: larger images are rejected"
+    )
+    cache_dir: str = Field(default_factory=_default_cache, description="tiny models, Ray temp")
+    work_dir: str = Field("./data/work", description="per-run scratch files (listings, plans)")
+
+    def clip_spec(self) -> tuple[str, str]:
+        """The (model, pretrained) pair after applying profile defaults."""
+        defaults = PROFILE_DEFAULTS[self.profile]
+        return (
+            self.clip_model or defaults["clip_model"],
+            self.clip_pretrained or defaults["clip_pretrained"],
+        )
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.clip_spec()[1] == "tiny"

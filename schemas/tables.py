@@ -1,0 +1,126 @@
+"""LanceDB table contracts: ``images``, ``files`` and ``rejects``.
+
+Defined once here as ``LanceModel``s; every Arrow schema the pipeline writes is derived from
+them.  The ``images`` vector width depends on the CLIP model, so its model is built per width.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+
+import pyarrow as pa
+from lancedb.pydantic import LanceModel, Vector
+from pydantic import Field, create_model
+
+SCORE_COLUMNS = (
+    "livelier",
+    "more_beautiful",
+    "more_boring",
+    "more_depressing",
+    "safer",
+    "wealthier",
+)
+FILE_STATUSES = ("ingested", "duplicate", "rejected")
+REJECT_STAGES = ("path", "missing", "read", "decode", "metadata", "embed")
+
+IMAGES_TABLE = "images"
+FILES_TABLE = "files"
+REJECTS_TABLE = "rejects"
+
+
+class ImageMeta(LanceModel):
+    """Columnar metadata of one image (from metadata.json or its Place Pulse file name)."""
+
+    city: str | None = Field(None, description="city name")
+    lat: float | None = Field(None, description="latitude, degrees")
+    lon: float | None = Field(None, description="longitude, degrees")
+    place_id: str | None = Field(None, description="Place Pulse place id")
+    caption: str | None = Field(None, description="captions joined by newlines")
+    livelier: float | None = Field(None, description="perception score (float32, null if NaN)")
+    more_beautiful: float | None = Field(None, description="perception score")
+    more_boring: float | None = Field(None, description="perception score")
+    more_depressing: float | None = Field(None, description="perception score")
+    safer: float | None = Field(None, description="perception score")
+    wealthier: float | None = Field(None, description="perception score")
+
+
+class ImageIdentity(LanceModel):
+    """Which bytes, and where they were first found."""
+
+    image_id: str = Field(description="sha256 of the file bytes, hex")
+    source_uri: str = Field(description="absolute path or URI of the file that introduced it")
+    rel_path: str = Field(description="path relative to the dump root, '/' separators")
+    file_name: str = Field(description="base name of the file")
+
+
+class ImageTech(LanceModel):
+    """Decode facts and provenance of the embedding."""
+
+    width: int = Field(description="pixels, after EXIF orientation")
+    height: int = Field(description="pixels, after EXIF orientation")
+    clip_model: str = Field(description="open_clip model/pretrained that made the vector")
+    run_id: str = Field(description="ingest run that wrote the row")
+    ingested_at: datetime = Field(description="UTC time the row was written")
+
+
+class ImageBase(ImageTech, ImageMeta, ImageIdentity):
+    """One row per distinct image content; columns in identity, metadata, provenance order."""
+
+
+@cache
+def image_record(dim: int) -> type[LanceModel]:
+    """The ``images`` row model for a CLIP embedding width ``dim``."""
+    return create_model(
+        f"ImageRecord{dim}",
+        __base__=ImageBase,
+        vector=(Vector(dim), Field(description="L2-normalised CLIP image embedding")),
+    )
+
+
+class FileRecord(LanceModel):
+    """The ledger: one row per source file ever seen; makes runs incremental."""
+
+    source_uri: str = Field(description="absolute path or URI of the file")
+    rel_path: str = Field(description="path relative to the dump root")
+    file_name: str = Field(description="base name")
+    size: int = Field(description="bytes at listing time")
+    mtime: float = Field(description="modification time at listing, seconds since epoch")
+    image_id: str | None = Field(None, description="sha256 of its bytes; null when rejected")
+    status: str = Field(description="ingested | duplicate | rejected")
+    run_id: str = Field(description="run that recorded it")
+
+
+class RejectRecord(LanceModel):
+    """Why an input was not ingested; one row per (source_uri, stage)."""
+
+    source_uri: str = Field(description="file or metadata entry that was rejected")
+    file_name: str = Field(description="base name (or metadata 'Image Name')")
+    stage: str = Field(description="path | missing | read | decode | metadata | embed")
+    error: str = Field(description="readable reason")
+    run_id: str = Field(description="run that recorded it")
+    at: datetime = Field(description="UTC time")
+
+
+def images_schema(dim: int) -> pa.Schema:
+    return _tighten(image_record(dim).to_arrow_schema())
+
+
+def files_schema() -> pa.Schema:
+    return _tighten(FileRecord.to_arrow_schema())
+
+
+def rejects_schema() -> pa.Schema:
+    return _tighten(RejectRecord.to_arrow_schema())
+
+
+def _tighten(schema: pa.Schema) -> pa.Schema:
+    """Scores and coordinates as float32 / float64 as the contract says; timestamps in UTC."""
+    fields = []
+    for f in schema:
+        if f.name in SCORE_COLUMNS:
+            f = f.with_type(pa.float32())
+        elif pa.types.is_timestamp(f.type):
+            f = f.with_type(pa.timestamp("us", tz="UTC"))
+        fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)

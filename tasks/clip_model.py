@@ -1,0 +1,181 @@
+"""Loading CLIP through open_clip, and embedding batches of pixels or texts.
+
+The ``tiny`` profile builds a small random-weight model once (deterministic seed, cached as a
+config + safetensors checkpoint) and loads it through exactly the code path real weights use:
+``create_model_and_transforms(name, pretrained=<tag or checkpoint path>)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TINY_NAME = "mmrag-tiny-clip"
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_WARNING = (
+    "profile 'tiny': the CLIP model has random weights - its vectors are meaningless; "
+    "use it for smoke runs and tests only"
+)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything a worker needs to build the same model (small, picklable, hashable)."""
+
+    model: str
+    pretrained: str
+    config_dir: str | None = None
+    precision: str = "auto"
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        """Stored in tables: model name + tag, or checkpoint file name (not machine-specific)."""
+        tag = self.pretrained
+        if os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors")):
+            tag = Path(tag).name
+        return f"{self.model}/{tag}"
+
+
+def ensure_tiny_clip(cache_dir: str | Path, seed: int = 0) -> tuple[str, str]:
+    """Build the tiny model once: (config dir for open_clip, checkpoint path). Atomic writes."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(cache_dir) / "tiny-clip-v1"
+    cfg_path, ckpt = root / f"{TINY_NAME}.json", root / f"{TINY_NAME}-seed{seed}.safetensors"
+    root.mkdir(parents=True, exist_ok=True)
+    if not cfg_path.exists():
+        _atomic_write(cfg_path, json.dumps(TINY_CONFIG, indent=1).encode())
+    open_clip.add_model_config(str(root))
+    if not ckpt.exists():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(TINY_NAME, pretrained=None)
+        tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, ckpt)
+    return str(root), str(ckpt)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def resolve_spec(model: str, pretrained: str, cache_dir: str, precision: str = "auto") -> ClipSpec:
+    """Turn settings into a spec; ``pretrained='tiny'`` builds (or reuses) the tiny checkpoint."""
+    config_dir = None
+    if pretrained == "tiny":
+        config_dir, pretrained = ensure_tiny_clip(cache_dir)
+    return ClipSpec(model, pretrained, config_dir, precision, _device())
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: pure bf16 is ~4x fp32 on such CPUs (measured, STACK.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(precision: str, device: str):
+    import torch
+
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "bf16" if cpu_has_bf16() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Clip:
+    """A loaded model plus what batching needs: input size, normalisation, dtype."""
+
+    def __init__(self, spec: ClipSpec):
+        import open_clip
+        import torch
+
+        if spec.config_dir:
+            open_clip.add_model_config(spec.config_dir)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=spec.pretrained, device=spec.device
+        )
+        self.spec, self.dtype = spec, pick_dtype(spec.precision, spec.device)
+        self.model = model.to(self.dtype).eval()
+        self.tokenizer = open_clip.get_tokenizer(spec.model)
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        mean, std = _norm_from(preprocess)
+        self._mean = torch.tensor(mean, device=spec.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=spec.device).view(1, 3, 1, 1)
+        self.dim = int(self.encode_texts(["x"]).shape[1])
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) centre-cropped RGB → L2-normalised float32 (N, dim)."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.spec.device)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+            feats = self.model.encode_image(x.to(self.dtype))
+            return _normalise(feats)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tokens = self.tokenizer(texts).to(self.spec.device)
+            return _normalise(self.model.encode_text(tokens))
+
+
+def _normalise(feats) -> np.ndarray:
+    import torch
+
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    return feats.cpu().numpy().astype(np.float32)
+
+
+def _norm_from(preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std open_clip chose for this model (its Normalize transform)."""
+    for t in getattr(preprocess, "transforms", []):
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            return tuple(t.mean), tuple(t.std)
+    raise ValueError("open_clip preprocess has no Normalize transform")
+
+
+@cache
+def load_clip(spec: ClipSpec) -> Clip:
+    """One model per process (Ray actors call this once in their constructor)."""
+    return Clip(spec)
+
+
+def model_shape(spec: ClipSpec) -> tuple[int, int]:
+    """(embedding width, input size) from the model config, without building the model."""
+    import open_clip
+
+    if spec.config_dir:
+        open_clip.add_model_config(spec.config_dir)
+    cfg = open_clip.get_model_config(spec.model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {spec.model!r}")
+    size = cfg["vision_cfg"].get("image_size", 224)
+    return int(cfg["embed_dim"]), int(size[0] if isinstance(size, list | tuple) else size)

@@ -1,0 +1,100 @@
+"""The Ray Data pipeline: read + decode in CPU tasks, CLIP in an actor pool, streamed back.
+
+Heavy objects are built once per actor (``load_clip`` in the constructor).  Rows that failed to
+decode travel on with their ``stage``/``error`` so the driver can record them; nothing is
+dropped.  Only paths and small metadata go in; vectors come out, pixels never leave Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.clip_model import ClipSpec, load_clip
+from tasks.decode import decode_batch
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None, num_cpus: int | None, temp_dir: str) -> None:
+    """Connect to a cluster (address) or start a local Ray once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        return
+    os.makedirs(temp_dir, exist_ok=True)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True, _temp_dir=os.path.abspath(temp_dir))
+
+
+class ClipEmbedder:
+    """Actor: holds one CLIP model; embeds the rows that decoded, passes the others through."""
+
+    def __init__(self, spec: ClipSpec, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.clip = load_clip(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = np.asarray(batch["stage"]) == ""
+        vectors = np.zeros((len(ok), self.clip.dim), dtype=np.float32)
+        if ok.any():
+            try:
+                vectors[ok] = self.clip.encode_pixels(pixels[ok])
+            except Exception as e:  # noqa: BLE001 - the batch is recorded, the run goes on
+                batch["stage"] = np.where(ok, "embed", batch["stage"]).astype(object)
+                batch["error"] = np.where(ok, f"embedding failed: {e}", batch["error"])
+        batch["vector"] = vectors
+        return batch
+
+
+def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
+                batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
+                decode_cpus: float, out_rows: int) -> Iterator[pa.Table]:
+    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector."""
+    import ray
+
+    if todo.num_rows == 0:
+        return
+    _quiet_ray_data()
+    block = max(decode_batch_size, 64)
+    blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
+    gpus = 1 if spec.device == "cuda" else 0
+    ds = ray.data.from_arrow(blocks).map_batches(
+        partial(decode_batch, size=image_size, max_pixels=max_pixels),
+        batch_size=decode_batch_size, batch_format="numpy", num_cpus=decode_cpus,
+    )
+    ds = ds.map_batches(
+        ClipEmbedder, fn_constructor_kwargs={"spec": spec, "threads": _threads(actor_cpus)},
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
+        batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus,
+    )
+    yield from ds.iter_batches(batch_size=out_rows, batch_format="pyarrow")
+
+
+def _quiet_ray_data() -> None:
+    """Our own progress reporting replaces Ray Data's per-operator logs and bars."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.verbose_progress = False
+    for name in ("ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _threads(actor_cpus: float) -> int:
+    return max(1, int(round(actor_cpus)))

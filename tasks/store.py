@@ -1,0 +1,151 @@
+"""LanceDB access for ingest: open/create the three tables, look up, upsert.
+
+Writes are ordered so that a crash at any point is repaired by the next run: ``images`` first
+(content-addressed, so a re-run cannot duplicate it), then ``rejects``, then ``files`` — the
+ledger row is the commit marker that makes a file "done".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import lancedb
+import polars as pl
+import pyarrow as pa
+from lancedb.index import FTS
+
+from schemas.tables import (
+    FILES_TABLE,
+    IMAGES_TABLE,
+    REJECTS_TABLE,
+    files_schema,
+    images_schema,
+    rejects_schema,
+)
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(Exception):
+    """A fatal problem with the database (unreachable, not writable, wrong model)."""
+
+
+@dataclass
+class Tables:
+    db: lancedb.DBConnection
+    images: lancedb.table.Table
+    files: lancedb.table.Table
+    rejects: lancedb.table.Table
+
+
+def connect(uri: str) -> lancedb.DBConnection:
+    try:
+        return lancedb.connect(uri)
+    except Exception as e:  # noqa: BLE001 - surfaced as a one-line fatal error
+        raise StoreError(f"cannot open LanceDB at {uri}: {e}") from e
+
+
+def open_tables(uri: str, dim: int, clip_label: str) -> Tables:
+    """Create missing tables; refuse an ``images`` table made by another CLIP model."""
+    db = connect(uri)
+    try:
+        images = _open_or_create(db, IMAGES_TABLE, images_schema(dim))
+        files = _open_or_create(db, FILES_TABLE, files_schema())
+        rejects = _open_or_create(db, REJECTS_TABLE, rejects_schema())
+    except OSError as e:
+        raise StoreError(f"cannot write LanceDB at {uri}: {e}") from e
+    check_model(images, dim, clip_label)
+    return Tables(db, images, files, rejects)
+
+
+def _open_or_create(db, name: str, schema: pa.Schema):
+    """Open as stored (its schema is checked by the caller), or create from the contract."""
+    try:
+        return db.open_table(name)
+    except ValueError:
+        return db.create_table(name, schema=schema, exist_ok=True)
+
+
+def check_model(images, dim: int, clip_label: str) -> None:
+    width = images.schema.field("vector").type.list_size
+    found = images.search().select(["clip_model"]).limit(1).to_arrow()
+    other = found["clip_model"][0].as_py() if found.num_rows else None
+    if width != dim or (other is not None and other != clip_label):
+        raise StoreError(
+            f"table '{IMAGES_TABLE}' holds vectors of {other or 'another model'} ({width}-d); "
+            f"the configured model is {clip_label} ({dim}-d): use another database or table"
+        )
+
+
+def known_images(images, image_ids: list[str]) -> dict[str, str]:
+    """image_id → source_uri of the file that introduced it, for ids already stored."""
+    ids = sorted({i for i in image_ids if i and _HEX.match(i)})
+    if not ids:
+        return {}
+    where = "image_id IN (" + ",".join(f"'{i}'" for i in ids) + ")"
+    found = images.search().where(where).select(["image_id", "source_uri"]).limit(len(ids) * 2)
+    tbl = found.to_arrow()
+    return dict(zip(tbl["image_id"].to_pylist(), tbl["source_uri"].to_pylist(), strict=True))
+
+
+def upsert_rejects(rejects, rows: list[dict], run_id: str) -> int:
+    """One row per (source_uri, stage), reasons joined; unchanged reasons are not rewritten."""
+    if not rows:
+        return 0
+    frame = (
+        pl.DataFrame(rows, schema={"source_uri": pl.String, "file_name": pl.String,
+                                   "stage": pl.String, "error": pl.String})
+        .group_by("source_uri", "stage", maintain_order=True)
+        .agg(pl.col("file_name").first(), pl.col("error").unique(maintain_order=True)
+             .str.join("; "))
+    )
+    existing = rejects.to_polars().select("source_uri", "stage", "error")
+    fresh = frame.join(existing.collect(), on=["source_uri", "stage", "error"], how="anti")
+    if fresh.is_empty():
+        return 0
+    now = datetime.now(UTC)
+    table = fresh.with_columns(run_id=pl.lit(run_id), at=pl.lit(now)).to_arrow()
+    table = table.select(rejects_schema().names).cast(rejects_schema())
+    (rejects.merge_insert(["source_uri", "stage"]).when_matched_update_all()
+     .when_not_matched_insert_all().execute(table))
+    return fresh.height
+
+
+def upsert_files(files, table: pa.Table) -> None:
+    if table.num_rows:
+        (files.merge_insert("source_uri").when_matched_update_all()
+         .when_not_matched_insert_all().execute(table.cast(files_schema())))
+
+
+def ledger(files) -> pl.LazyFrame | None:
+    return files.to_polars() if files.count_rows() else None
+
+
+def delete_orphans(tables: Tables, candidate_ids: list[str]) -> int:
+    """Drop ``images`` rows no ledger row points at any more (their file changed)."""
+    ids = sorted({i for i in candidate_ids if i and _HEX.match(i)})
+    if not ids:
+        return 0
+    listed = ",".join(f"'{i}'" for i in ids)
+    still = tables.files.search().where(f"image_id IN ({listed})").select(["image_id"])
+    referenced = set(still.limit(None).to_arrow()["image_id"].to_pylist())
+    orphans = [i for i in ids if i not in referenced]
+    if orphans:
+        tables.images.delete("image_id IN (" + ",".join(f"'{i}'" for i in orphans) + ")")
+    return len(orphans)
+
+
+def refresh_indexes(tables: Tables) -> list[str]:
+    """Full-text on captions, B-tree on the keys the pipeline looks up; returns what was built."""
+    built = []
+    if tables.images.count_rows():
+        tables.images.create_index("caption", config=FTS(), replace=True)
+        tables.images.create_scalar_index("image_id", replace=True)
+        tables.images.create_scalar_index("city", index_type="BITMAP", replace=True)
+        built += ["images.caption (FTS)", "images.image_id (BTREE)", "images.city (BITMAP)"]
+    if tables.files.count_rows():
+        tables.files.create_scalar_index("source_uri", replace=True)
+        built.append("files.source_uri (BTREE)")
+    return built

@@ -1,0 +1,102 @@
+"""End to end through real Ray and real LanceDB (the flow body via ``.fn()``, no Prefect server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import tables
+
+from flows.ingest import ingest_flow
+
+pytestmark = pytest.mark.slow
+
+
+def ingest(source, settings) -> dict:
+    return ingest_flow.fn(str(source), settings)
+
+
+@pytest.fixture
+def dump(sample_dump, tmp_path):
+    root = tmp_path / "dump"
+    shutil.copytree(sample_dump, root)
+    return root
+
+
+def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session):
+    first = ingest(dump, settings)
+    assert (first["seen"], first["todo"], first["ingested"]) == (24, 24, 24)
+    t = tables(settings.db)
+    assert t["images"].height == 24 and t["files"].height == 24 and t["rejects"].height == 0
+    img = t["images"]
+    norms = np.linalg.norm(np.stack(img["vector"].to_numpy()), axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-3)
+    assert img["city"].null_count() == 0 and img["safer"].null_count() == 0
+    assert img["caption"].str.len_chars().min() > 10
+    assert set(img["clip_model"]) == {"mmrag-tiny-clip/mmrag-tiny-clip-seed0.safetensors"}
+    assert (img["width"] == 640).all() and (img["height"] == 480).all()
+
+    versions = _versions(settings.db)
+    second = ingest(dump, settings)
+    assert (second["unchanged"], second["todo"]) == (24, 0)
+    assert _versions(settings.db) == versions, "a no-op re-run must not write anything"
+
+
+def test_new_and_changed_files_are_picked_up(dump, settings, ray_session, tmp_path):
+    from tasks.sample_dump import generate_sample_dump
+
+    ingest(dump, settings)
+    changed = sorted((dump / "images").rglob("*.JPG"))[0]
+    extra = tmp_path / "extra"
+    generate_sample_dump(extra, 3, seed=99, metadata=False)
+    for f in (extra / "images").rglob("*.JPG"):
+        shutil.copy(f, dump / "images" / f.name)
+    files = tables(settings.db)["files"]
+    old_id = files.filter(pl.col("source_uri") == str(changed))["image_id"][0]
+    shutil.copy(next((extra / "images").rglob("*.JPG")), changed)
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+
+    summary = ingest(dump, settings)
+    assert summary["todo"] == 4 and summary["unchanged"] == 23
+    t = tables(settings.db)
+    assert t["files"].height == 27
+    row = t["files"].filter(pl.col("source_uri") == str(changed))
+    assert row["image_id"][0] != old_id
+    assert old_id not in t["images"]["image_id"].to_list(), "orphaned image left behind"
+    # the changed file now holds the same bytes as one of the new files: one image, two files
+    assert t["images"]["image_id"].n_unique() == t["images"].height
+    assert sorted(t["files"]["status"].value_counts().rows()) == [("duplicate", 1),
+                                                                   ("ingested", 26)]
+
+
+def test_duplicate_bytes_make_one_image(dump, settings, ray_session):
+    first = next((dump / "images").rglob("*.JPG"))
+    shutil.copy(first, dump / "copy_of_first.jpg")
+    summary = ingest(dump, settings)
+    assert (summary["ingested"], summary["duplicates"]) == (24, 1)
+    t = tables(settings.db)
+    dup = t["files"].filter(pl.col("status") == "duplicate")
+    assert dup["source_uri"].to_list() == [str(dump / "copy_of_first.jpg")]
+    orig = t["files"].filter(pl.col("source_uri") == str(first))
+    assert dup["image_id"][0] == orig["image_id"][0]
+    assert t["images"].height == 24
+
+
+def test_other_model_table_is_refused(dump, settings, ray_session):
+    from tasks.store import StoreError
+
+    ingest(dump, settings)
+    other = settings.model_copy(update={"clip_model": "ViT-B-32", "clip_pretrained": "x.pt"})
+    with pytest.raises(StoreError, match="configured model is ViT-B-32"):
+        ingest(dump, other)
+
+
+def _versions(db: str) -> dict:
+    import lancedb
+
+    conn = lancedb.connect(db)
+    return {n: conn.open_table(n).version for n in ("images", "files", "rejects")}
