@@ -67,7 +67,7 @@ def decode(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, int, in
     except UnidentifiedImageError as e:
         raise Rejected("decode", "not an image (unrecognised format)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Rejected("decode", f"decompression bomb: {e}") from e
+        raise Rejected("decode", f"image too large (decompression-bomb guard): {e}") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise Rejected("decode", f"corrupt or truncated image: {e}") from e
 
