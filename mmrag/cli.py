@@ -83,10 +83,22 @@ def ingest(
     from tasks.store import StoreError
 
     try:
+        _preflight(source, settings)
         summary = ingest_flow(source, settings)
     except (SourceError, StoreError) as e:
         _fatal(str(e))
     _print_summary(summary)
+
+
+def _preflight(source: str, settings) -> None:
+    """Fail in a second, before Prefect and Ray start, when SOURCE or the DB is unusable."""
+    from tasks import store
+    from tasks.clip_model import model_shape, resolve_spec
+    from tasks.discover import open_source
+
+    open_source(source)
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    store.open_tables(settings.db, model_shape(spec)[0], spec.label)
 
 
 def _print_summary(summary: dict) -> None:

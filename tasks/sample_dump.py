@@ -24,16 +24,16 @@ from PIL import Image, ImageChops
 
 PERCEPTIONS = ("livelier", "more beautiful", "more boring", "more depressing", "safer", "wealthier")
 CITIES: dict[str, tuple[float, float]] = {
-    "Amsterdam": (52.3676, 4.9041), "Atlanta": (33.7490, -84.3880), "Bangkok": (13.7563, 100.5018),
-    "Barcelona": (41.3874, 2.1686), "Berlin": (52.5200, 13.4050), "Boston": (42.3601, -71.0589),
-    "Bucharest": (44.4268, 26.1025), "Cape Town": (-33.9249, 18.4241), "Chicago": (41.8781, -87.6298),
-    "Copenhagen": (55.6761, 12.5683), "Hong Kong": (22.3193, 114.1694), "Kyoto": (35.0116, 135.7681),
-    "Lisbon": (38.7223, -9.1393), "London": (51.5074, -0.1278), "Madrid": (40.4168, -3.7038),
-    "Mexico City": (19.4326, -99.1332), "Moscow": (55.7558, 37.6173), "New York": (40.7128, -74.0060),
-    "Paris": (48.8566, 2.3522), "Rio De Janeiro": (-22.9068, -43.1729), "Sao Paulo": (-23.5505, -46.6333),
-    "Singapore": (1.3521, 103.8198), "Sydney": (-33.8688, 151.2093), "Tel Aviv": (32.0853, 34.7818),
-    "Tokyo": (35.6762, 139.6503), "Toronto": (43.6532, -79.3832), "Warsaw": (52.2297, 21.0122),
-    "Washington DC": (38.9072, -77.0369),
+    "Amsterdam": (52.37, 4.90), "Atlanta": (33.75, -84.39), "Bangkok": (13.76, 100.50),
+    "Barcelona": (41.39, 2.17), "Berlin": (52.52, 13.40), "Boston": (42.36, -71.06),
+    "Bucharest": (44.43, 26.10), "Cape Town": (-33.92, 18.42), "Chicago": (41.88, -87.63),
+    "Copenhagen": (55.68, 12.57), "Hong Kong": (22.32, 114.17), "Kyoto": (35.01, 135.77),
+    "Lisbon": (38.72, -9.14), "London": (51.51, -0.13), "Madrid": (40.42, -3.70),
+    "Mexico City": (19.43, -99.13), "Moscow": (55.76, 37.62), "New York": (40.71, -74.01),
+    "Paris": (48.86, 2.35), "Rio De Janeiro": (-22.91, -43.17), "Sao Paulo": (-23.55, -46.63),
+    "Singapore": (1.35, 103.82), "Sydney": (-33.87, 151.21), "Tel Aviv": (32.09, 34.78),
+    "Tokyo": (35.68, 139.65), "Toronto": (43.65, -79.38), "Warsaw": (52.23, 21.01),
+    "Washington DC": (38.91, -77.04),
 }  # fmt: skip
 _CITY_NAMES = tuple(CITIES)
 # time of day -> (sky at the top, sky at the horizon, light tint of every sunlit surface)
@@ -45,6 +45,8 @@ _TIMES = {
 }
 _CARS = np.array([(180, 30, 30), (30, 60, 150), (200, 200, 205), (25, 25, 28), (90, 95, 100),
                   (230, 190, 40), (40, 110, 60)], np.float32)  # fmt: skip
+_EXIF6 = Image.Exif()
+_EXIF6[0x0112] = 6  # Orientation 6: the viewer must rotate 90° clockwise
 _PAD = 64  # the noise bank is this much larger than an image, so crops at random offsets differ
 
 
@@ -101,8 +103,11 @@ def _scores(s: Scene, rng: np.random.Generator) -> dict[str, str]:
 
 
 def _box(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, col: np.ndarray) -> None:
+    """Fill a rectangle, clamping both ends: a negative end would otherwise wrap around."""
     h, w = img.shape[:2]
-    img[max(int(y0), 0) : min(int(y1), h), max(int(x0), 0) : min(int(x1), w)] = col
+    ya, yb = (min(max(int(v), 0), h) for v in (y0, y1))
+    xa, xb = (min(max(int(v), 0), w) for v in (x0, x1))
+    img[ya:yb, xa:xb] = col
 
 
 def _sky(sky: np.ndarray, s: Scene, rng: np.random.Generator) -> None:
@@ -121,7 +126,7 @@ def _sky(sky: np.ndarray, s: Scene, rng: np.random.Generator) -> None:
 
 
 def _ground(g: np.ndarray, s: Scene, rng: np.random.Generator, vx: int, r: float, tint) -> None:
-    """Road, lane dashes and pavement converging on the vanishing point (distance in road widths)."""
+    """Road, lane dashes and pavement meeting at the vanishing point; d is in road half-widths."""
     gh, w = g.shape[:2]
     t = (np.arange(gh, dtype=np.float32)[:, None] + 1.0) / gh
     d = np.abs(np.arange(w, dtype=np.float32)[None, :] - vx) * (1.0 / (r * t * gh))
@@ -168,8 +173,8 @@ def _blob(img: np.ndarray, cx: float, cy: float, rx: float, ry: float, col, phas
         return
     dx = (np.arange(x0, x1, dtype=np.float32)[None, :] - cx) / rx
     dy = (np.arange(y0, y1, dtype=np.float32)[:, None] - cy) / ry
-    inside = dx**2 + dy**2 < (1 + 0.13 * np.sin(7 * np.arctan2(dy, dx) + phase)) ** 2
-    shade = (1.0 - 0.25 * dy + 0.12 * np.sin(dx * 9 + phase) * np.sin(dy * 11))[..., None]
+    inside = dx**2 + dy**2 < 1 + 0.25 * np.sin(6 * dx + phase) * np.cos(5 * dy - phase)
+    shade = (1.0 - 0.25 * dy + 0.08 * np.sin(dx * 13 + phase) * np.sin(dy * 17 + dx * 5))[..., None]
     sub = img[y0:y1, x0:x1]
     sub[:] = np.where(inside[..., None], col * shade, sub)
 
@@ -205,7 +210,8 @@ def _render(s: Scene, rng: np.random.Generator, noise: tuple, size: tuple[int, i
     """Draw at half resolution (4x less numpy work), upscale for lens softness, add fine grain."""
     coarse, fine = noise
     w, h = max(size[0] // 2, 1), max(size[1] // 2, 1)
-    hz, vx, r = int(h * rng.uniform(0.38, 0.5)), int(w * rng.uniform(0.35, 0.65)), rng.uniform(1.5, 2.5)
+    hz, vx = int(h * rng.uniform(0.38, 0.5)), int(w * rng.uniform(0.35, 0.65))
+    r = rng.uniform(1.5, 2.5)  # road half-width in camera heights
     tint = np.array(_TIMES[s.time][2], np.float32)
     img = np.empty((h, w, 3), np.float32)
     _sky(img[:hz], s, rng)
@@ -245,8 +251,10 @@ def _sample(rng: np.random.Generator, noise: np.ndarray, size: tuple[int, int]):
     return rec, _render(s, rng, noise, size)
 
 
-def generate_sample_dump(root: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (640, 480),
-                         metadata: bool = True, quality: int = 90) -> list[dict]:  # fmt: skip
+def generate_sample_dump(
+    root: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (640, 480),
+    metadata: bool = True, quality: int = 90,
+) -> list[dict]:  # fmt: skip
     """Write n JPEGs and metadata.json under root; return the metadata records written."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -266,15 +274,15 @@ def generate_sample_dump(root: str | Path, n: int, seed: int = 0, size: tuple[in
 
 
 # ---------------------------------------------------------------- hostile inputs
-def _jpeg(img: Image.Image) -> bytes:
+def _truncated(path: Path, img: Image.Image) -> None:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    path.write_bytes(buf.getvalue()[: buf.tell() // 2])
 
 
 def _write_bomb(path: Path, w: int = 20000, h: int = 20000) -> None:
-    """A valid 1-bit PNG of zeros: ~50 KB on disk, 400 M pixels once decoded."""
-    comp, rows = zlib.compressobj(9), b"\x00" * (1 + (w + 7) // 8) * 500
+    """A valid 1-bit PNG of zeros: ~220 KB on disk (level 1 is 3x faster), 400 M pixels."""
+    comp, rows = zlib.compressobj(1), b"\x00" * (1 + (w + 7) // 8) * 500
     body = b"".join(comp.compress(rows) for _ in range(h // 500)) + comp.flush()
 
     def chunk(tag: bytes, data: bytes) -> bytes:
@@ -290,12 +298,6 @@ def _save_frames(path: Path, img: Image.Image) -> None:
     frames[0].save(path, "WEBP", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
-def _with_exif6(path: Path, img: Image.Image) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
-    img.save(path, "JPEG", quality=90, exif=exif)
-
-
 def _symlink_out(outside: Path) -> Callable[[Path, Image.Image], None]:
     def write(path: Path, img: Image.Image) -> None:
         target = outside / "outside_target.jpg"
@@ -307,31 +309,35 @@ def _symlink_out(outside: Path) -> Callable[[Path, Image.Image], None]:
 
 def _unreadable(path: Path, img: Image.Image) -> None:
     img.save(path, "JPEG", quality=90)
-    os.chmod(path, 0)
+    os.chmod(path, 0)  # root still reads it: callers must not rely on a PermissionError
+
+
+def _saver(fmt: str, convert: str | None = None, **kw) -> Callable[[Path, Image.Image], None]:
+    return lambda p, im: (im.convert(convert) if convert else im).save(p, fmt, **kw)
 
 
 def _file_kinds(src: Path, outside: Path, pp_name: Callable[[], str]) -> dict:
     """kind -> (file name under images/bad/, writer(path, fresh distinct RGB image))."""
     return {
-        "truncated": ("bad_truncated.jpg", lambda p, im: p.write_bytes(_jpeg(im)[: len(_jpeg(im)) // 2])),
+        "truncated": ("bad_truncated.jpg", _truncated),
         "empty": ("bad_empty.jpg", lambda p, im: p.write_bytes(b"")),
-        "not_image": ("bad_not_image.jpg", lambda p, im: p.write_bytes(b"not an image, honest\n" * 40)),
-        "wrong_extension": ("bad_wrong_extension.jpg", lambda p, im: im.save(p, "PNG")),
+        "not_image": ("bad_not_image.jpg", lambda p, im: p.write_bytes(b"not an image\n" * 40)),
+        "wrong_extension": ("bad_wrong_extension.jpg", _saver("PNG", compress_level=1)),
         "bomb": ("bad_bomb.png", lambda p, im: _write_bomb(p)),
         "animated": ("bad_animated.webp", _save_frames),
-        "cmyk": ("bad_cmyk.jpg", lambda p, im: im.convert("CMYK").save(p, "JPEG", quality=90)),
+        "cmyk": ("bad_cmyk.jpg", _saver("JPEG", "CMYK", quality=90)),
         "sixteen_bit": ("bad_sixteen_bit.png", lambda p, im: Image.fromarray(
-            np.asarray(im.convert("L"), np.uint16) * 257).save(p, "PNG")),
-        "palette_alpha": ("bad_palette_alpha.png", lambda p, im: im.quantize(64).save(
-            p, "PNG", transparency=0)),
-        "exif_rotated": ("bad_exif_rotated.jpg", _with_exif6),
+            np.asarray(im.convert("L"), np.uint16) * 257).save(p, "PNG", compress_level=1)),
+        "palette_alpha": ("bad_palette_alpha.png", lambda p, im: im.quantize(
+            64, method=Image.Quantize.FASTOCTREE).save(p, "PNG", transparency=0, compress_level=1)),
+        "exif_rotated": ("bad_exif_rotated.jpg", _saver("JPEG", quality=90, exif=_EXIF6)),
         "one_pixel": ("bad_one_pixel.png", lambda p, im: im.resize((1, 1)).save(p, "PNG")),
         "panorama": ("bad_panorama.jpg", lambda p, im: im.resize((10000, 400)).save(p, "JPEG")),
         "symlink_outside": ("bad_symlink_outside.jpg", _symlink_out(outside)),
         "duplicate": (pp_name(), lambda p, im: shutil.copyfile(src, p)),
-        "bad_scores": (pp_name(), lambda p, im: im.save(p, "JPEG", quality=90)),
+        "bad_scores": (pp_name(), _saver("JPEG", quality=90)),
         "unreadable": ("bad_unreadable.jpg", _unreadable),
-        "long_caption": ("bad_long_caption.jpg", lambda p, im: im.save(p, "JPEG", quality=90)),
+        "long_caption": ("bad_long_caption.jpg", _saver("JPEG", quality=90)),
     }  # fmt: skip
 
 
@@ -380,5 +386,6 @@ def write_bad_inputs(root: str | Path, outside: str | Path) -> dict[str, str]:
     meta = root / "metadata.json"
     old = json.loads(meta.read_text()) if meta.exists() else []
     fresh = {r["Relative Path"] for r in rows}
-    meta.write_text(json.dumps([r for r in old if r.get("Relative Path") not in fresh] + rows, indent=1))
+    kept = [r for r in old if r.get("Relative Path") not in fresh]
+    meta.write_text(json.dumps(kept + rows, indent=1))
     return out

@@ -54,7 +54,7 @@ def open_tables(uri: str, dim: int, clip_label: str) -> Tables:
         images = _open_or_create(db, IMAGES_TABLE, images_schema(dim))
         files = _open_or_create(db, FILES_TABLE, files_schema())
         rejects = _open_or_create(db, REJECTS_TABLE, rejects_schema())
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - permission, disk, bad URI: one-line fatal error
         raise StoreError(f"cannot write LanceDB at {uri}: {e}") from e
     check_model(images, dim, clip_label)
     return Tables(db, images, files, rejects)
