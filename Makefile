@@ -22,7 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	@test -f $(DEMO)/dump/metadata.json || \
 		$(BIN)/mmrag sample-dump $(DEMO)/dump --n $(N) --with-bad
+	@test -f $(DEMO)/queries.jsonl || \
+		$(BIN)/mmrag sample-queries $(DEMO)/queries.jsonl --dump $(DEMO)/dump
 	MMRAG_PROFILE=tiny MMRAG_DB=$(DEMO)/lancedb $(BIN)/mmrag ingest $(DEMO)/dump
+	MMRAG_PROFILE=tiny MMRAG_DB=$(DEMO)/lancedb MMRAG_OUT=$(DEMO)/out \
+		$(BIN)/mmrag query $(DEMO)/queries.jsonl --run-id demo
+	$(BIN)/python -m mmrag.examples $(DEMO)/lancedb $(DEMO)/out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -71,6 +71,18 @@ def sample_dump(
         typer.echo(f"added {len(kinds)} hostile inputs: {', '.join(sorted(kinds))}")
 
 
+@app.command("sample-queries")
+def sample_queries(
+    path: Path,
+    dump: Annotated[Path, typer.Option(help="the sample dump the queries refer to")],
+) -> None:
+    """Write a demo JSONL queries file (all modes, filters, two bad rows on purpose)."""
+    from tasks.sample_queries import write_sample_queries
+
+    rows = write_sample_queries(path, dump)
+    typer.echo(f"wrote {len(rows)} queries to {path}")
+
+
 @app.command()
 def ingest(
     source: Annotated[str, typer.Argument(help="dump folder (or object-store URL)")],
@@ -99,6 +111,33 @@ def _preflight(source: str, settings) -> None:
     open_source(source)
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     store.open_tables(settings.db, model_shape(spec)[0], spec.label)
+
+
+@app.command()
+def query(
+    queries: Annotated[str, typer.Argument(help="queries file: .csv, .jsonl or .parquet")],
+    run_id: Annotated[str | None, typer.Option(help="re-use to replace a run's output")] = None,
+    run_date: Annotated[str | None, typer.Option(help="partition date YYYY-MM-DD")] = None,
+    engine: Annotated[str | None, typer.Option(help="vllm | transformers | none | auto")]
+    = None,
+    out: Annotated[str | None, typer.Option(help="answers root [MMRAG_OUT]")] = None,
+) -> None:
+    """Retrieve images for each query and answer it with LLaVA; write answers as Parquet."""
+    _overrides.update({k: v for k, v in dict(engine=engine, out=out).items() if v})
+    settings = _settings()
+    _prefect_defaults()
+    from flows.query import query_flow
+    from tasks.queries import QueryFileError
+    from tasks.store import StoreError
+
+    try:
+        summary = query_flow(queries, settings, run_id, run_date)
+    except (QueryFileError, StoreError, ValueError) as e:
+        _fatal(str(e))
+    errors = ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())) or "none"
+    typer.echo(f"run {summary['run_id']}: {summary['queries']} queries, {summary['answered']} "
+               f"answered, errors: {errors}\n  images table version {summary['table_version']}"
+               f" -> {summary['output']}")
 
 
 def _print_summary(summary: dict) -> None:

@@ -15,8 +15,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
-    "default": {"clip_model": "ViT-B-32", "clip_pretrained": "laion2b_s34b_b79k"},
-    "tiny": {"clip_model": "mmrag-tiny-clip", "clip_pretrained": "tiny"},
+    "default": {"clip_model": "ViT-B-32", "clip_pretrained": "laion2b_s34b_b79k",
+                "engine": "auto", "vlm_model": "llava-hf/llava-1.5-7b-hf"},
+    "tiny": {"clip_model": "mmrag-tiny-clip", "clip_pretrained": "tiny",
+             "engine": "transformers", "vlm_model": "tiny"},
 }
 
 
@@ -50,6 +52,21 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="decompression-bomb guard: larger images are rejected"
     )
+    out: str = Field("./out", description="root of the answers Parquet dataset")
+    engine: Literal["auto", "vllm", "transformers", "none"] | None = Field(
+        None, description="generation engine (profile default; auto = vllm on GPU)"
+    )
+    vlm_model: str | None = Field(None, description="LLaVA model id or local path (profile)")
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="tokens generated per answer")
+    temperature: float = Field(0.0, ge=0, le=5, description="0 = greedy")
+    gen_batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+    top_k: int = Field(5, ge=1, description="images retrieved when a query gives none")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
+    query_image_roots: list[str] = Field(
+        default_factory=list, description="folders query images may come from (+ queries dir)"
+    )
+    nprobes: int | None = Field(None, ge=1, description="ANN partitions probed (indexed tables)")
+    refine_factor: int | None = Field(None, ge=1, description="ANN re-ranking factor")
     cache_dir: str = Field(default_factory=_default_cache, description="tiny models, Ray temp")
     work_dir: str = Field("./data/work", description="per-run scratch files (listings, plans)")
 
@@ -60,6 +77,11 @@ class Settings(BaseSettings):
             self.clip_model or defaults["clip_model"],
             self.clip_pretrained or defaults["clip_pretrained"],
         )
+
+    def vlm_spec(self) -> tuple[str, str]:
+        """(engine, model) after applying profile defaults."""
+        defaults = PROFILE_DEFAULTS[self.profile]
+        return self.engine or defaults["engine"], self.vlm_model or defaults["vlm_model"]
 
     @property
     def is_tiny(self) -> bool:

@@ -1,0 +1,107 @@
+"""The query flow: queries file → embed → bulk search at a pinned version → prompts → VLM →
+``out/answers/run_date=…/{run_id}.parquet``.
+
+Tasks pass file paths; each writes its result next to the run's other scratch files, so a
+re-run of the same ``run_id`` redoes only what is missing and replaces the output atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from mmrag.progress import progress
+from mmrag.settings import Settings
+from tasks import rag
+from tasks.answers import write_answers
+from tasks.clip_model import TINY_WARNING, resolve_spec
+from tasks.generate import make_engine
+from tasks.queries import read_queries
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError under .fn()
+        return logging.getLogger("mmrag.query")
+
+
+def _in_flow_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+def _call(task_, *args):
+    return task_(*args) if _in_flow_run() else task_.fn(*args)
+
+
+@task(name="read-queries", cache_policy=NO_CACHE)
+def plan_task(queries: str, settings: Settings, work: str) -> str:
+    roots = [*settings.query_image_roots, str(Path(queries).resolve().parent)]
+    plan, warnings = read_queries(queries, image_roots=roots, default_top_k=settings.top_k,
+                                  max_top_k=settings.max_top_k)
+    for w in warnings:
+        _logger().warning(w)
+    path = Path(work) / "queries.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_parquet(path)
+    return str(path)
+
+
+@task(name="retrieve", cache_policy=NO_CACHE)
+def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, dict]:
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    out = Path(work) / "retrieved.parquet"
+    opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor}
+    stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts)
+    _logger().info("retrieved at %s version %d: %s", settings.db, stats["table_version"], stats)
+    return str(out), stats
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(retrieved: str, settings: Settings, run_id: str, run_date: str,
+                  total: int) -> tuple[str, dict]:
+    name, model = rag.resolve_engine(*settings.vlm_spec(), settings.cache_dir)
+    engine = make_engine(name, model, max_new_tokens=settings.max_new_tokens,
+                         temperature=settings.temperature, batch_size=settings.gen_batch_size)
+    with progress(total, "generate", _logger()) as advance:
+        rows = rag.respond(Path(retrieved), engine, name, model, run_id,
+                           settings.max_image_pixels, settings.gen_batch_size, advance)
+    path = write_answers(rows, settings.out, run_date, run_id)
+    return path, rag.summary(rows) | {"engine": name, "vlm_model": model}
+
+
+@flow(name="query", log_prints=True)
+def query_flow(queries: str, settings: Settings | None = None, run_id: str | None = None,
+               run_date: str | None = None) -> dict:
+    """Answer every query in QUERIES from the ``images`` table; write one Parquet file."""
+    settings = settings or Settings()
+    logger = _logger()
+    if settings.is_tiny:
+        logger.warning(TINY_WARNING + "; the tiny LLaVA's answers are random text")
+    run_id = run_id or _default_run_id()
+    run_date = run_date or datetime.now(UTC).date().isoformat()
+    work = str(Path(settings.work_dir) / f"query-{run_id}")
+    plan_path = _call(plan_task, queries, settings, work)
+    retrieved, stats = _call(retrieve_task, plan_path, settings, work)
+    good = stats["queries"] - stats["bad_rows"] - stats["retrieve_errors"]
+    path, result = _call(generate_task, retrieved, settings, run_id, run_date, good)
+    summary = stats | result | {"run_id": run_id, "run_date": run_date, "output": path}
+    if _in_flow_run():
+        create_table_artifact([{"metric": k, "value": str(v)} for k, v in summary.items()],
+                              key="query-summary", description=f"query run {run_id}")
+    logger.info("query summary: %s", summary)
+    return summary
+
+
+def _default_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or uuid.uuid4())

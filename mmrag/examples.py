@@ -1,0 +1,43 @@
+"""The analysts' view of a run, with Polars: ``python -m mmrag.examples DB OUT``.
+
+Used at the end of ``make demo``; the same queries appear in the README.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lancedb
+import polars as pl
+
+
+def answers(out: str) -> pl.LazyFrame:
+    return pl.scan_parquet(f"{out}/answers/**/*.parquet", hive_partitioning=True)
+
+
+def safer_by_city(out: str) -> pl.DataFrame:
+    """Average ``safer`` score of the images retrieved, per city."""
+    hits = answers(out).select("query_id", "retrieved").explode("retrieved").unnest("retrieved")
+    return (hits.drop_nulls("image_id").group_by("city")
+            .agg(pl.col("safer").mean().round(2).alias("mean_safer"), pl.len().alias("hits"))
+            .sort("hits", descending=True).collect())
+
+
+def images_per_city(db: str) -> pl.DataFrame:
+    images = lancedb.connect(db).open_table("images").to_polars()
+    return images.group_by("city").len().sort("len", descending=True).collect()
+
+
+def main(db: str, out: str) -> None:
+    pl.Config.set_tbl_rows(12)
+    pl.Config.set_fmt_str_lengths(60)
+    print("images per city (top 12):\n", images_per_city(db))
+    rows = answers(out).select("run_date", "query_id", "mode", "table_version",
+                               pl.col("retrieved").list.len().alias("hits"),
+                               pl.col("answer").str.slice(0, 40), "error").collect()
+    print("answers:\n", rows)
+    print("mean safer score of retrieved images per city:\n", safer_by_city(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

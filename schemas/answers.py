@@ -1,0 +1,90 @@
+"""The answers contract: what analysts read from ``out/answers/run_date=YYYY-MM-DD/``.
+
+One Parquet file per query run (``{run_id}.parquet``), one row per query, with full provenance:
+which table version was searched, with which model and filter, what came back, which prompt
+went to which engine, and what it answered (or why it failed).  ``run_date`` lives in the
+partition path only (Hive style), so DuckDB/Polars add it as a column on read.
+
+The file's key-value metadata carries ``mmrag.schema_version``; a change to this schema bumps
+it, and readers keep accepting older versions.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.tables import SCORE_COLUMNS
+
+SCHEMA_VERSION = "1"
+ANSWERS_DIR = "answers"
+
+RETRIEVED_TYPE = pa.struct(
+    [
+        ("rank", pa.int32()),
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("rel_path", pa.string()),
+        ("city", pa.string()),
+        ("lat", pa.float64()),
+        ("lon", pa.float64()),
+        ("caption", pa.string()),
+        ("similarity", pa.float32()),
+        ("score", pa.float32()),
+        *[(c, pa.float32()) for c in SCORE_COLUMNS],
+    ]
+)
+
+ANSWER_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("query_id", pa.string()),
+        ("query_text", pa.string()),
+        ("query_image", pa.string()),
+        ("mode", pa.string()),
+        ("top_k", pa.int32()),
+        ("filter", pa.string()),
+        ("db", pa.string()),
+        ("images_table", pa.string()),
+        ("table_version", pa.int64()),
+        ("clip_model", pa.string()),
+        ("retrieved", pa.list_(RETRIEVED_TYPE)),
+        ("prompt", pa.string()),
+        ("prompt_images", pa.list_(pa.string())),
+        ("engine", pa.string()),
+        ("vlm_model", pa.string()),
+        ("answer", pa.string()),
+        ("citations", pa.list_(pa.int32())),
+        ("n_prompt_tokens", pa.int32()),
+        ("n_generated_tokens", pa.int32()),
+        ("error", pa.string()),
+        ("error_stage", pa.string()),
+        ("generated_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={"mmrag.schema_version": SCHEMA_VERSION, "mmrag.table": "answers"},
+)
+
+COLUMN_DOCS = {
+    "run_id": "query run that wrote the row (re-running a run_id replaces its file)",
+    "query_id": "from the queries file, or generated (q00001…) when absent",
+    "query_text": "the question / text query",
+    "query_image": "query image path as given",
+    "mode": "text | image | hybrid",
+    "top_k": "images retrieved",
+    "filter": "the LanceDB prefilter used (SQL, escaped)",
+    "db": "LanceDB URI searched",
+    "images_table": "table searched",
+    "table_version": "LanceDB version of images searched (time travel: checkout(version))",
+    "clip_model": "CLIP model of query and image vectors",
+    "retrieved": "ranked hits: image_id, source_uri, city, caption, similarity, scores …",
+    "prompt": "full text prompt sent to the VLM",
+    "prompt_images": "image_ids shown to the VLM, in grid order",
+    "engine": "vllm | transformers | none",
+    "vlm_model": "generation model id or path",
+    "answer": "generated text (null for engine none or on error)",
+    "citations": "[n] context ids cited by the answer",
+    "n_prompt_tokens": "prompt tokens incl. image tokens",
+    "n_generated_tokens": "tokens generated",
+    "error": "why this query has no answer (bad row, retrieval or generation failure)",
+    "error_stage": "query | retrieve | generate",
+    "generated_at": "UTC time the row was produced",
+}

@@ -1,0 +1,126 @@
+"""Query-flow core: plan → retrieved hits (Parquet) → prompts + grids → engine → answer rows.
+
+Plain functions; ``flows/query.py`` wires them.  Every query produces exactly one answer row:
+a bad row, a failed search or a failed generation is recorded in ``error``/``error_stage``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.answers import RETRIEVED_TYPE
+from tasks.clip_model import ClipSpec, load_clip, model_shape
+from tasks.generate import Engine, GenRequest
+from tasks.prompts import MAX_GRID, build_grid, build_prompt, load_thumbnail, parse_citations
+from tasks.retrieve import embed_queries, pin_images, search_all
+
+log = logging.getLogger(__name__)
+GRID_SIZE = 336
+
+
+def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_pixels: int,
+             search_opts: dict | None = None) -> dict:
+    """Embed and search every good query at one pinned version; write hits next to the plan."""
+    plan = pl.read_parquet(plan_path)
+    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label)
+    clip = load_clip(spec)
+    vectors, errors = embed_queries(plan, clip, max_pixels)
+    hits = search_all(pinned, plan, vectors, errors, search_opts)
+    retrieved = pa.array([hits.get(i, []) for i in range(plan.height)], pa.list_(RETRIEVED_TYPE))
+    stage = [("query" if e else ("retrieve" if i in errors else None))
+             for i, e in enumerate(plan["error"].to_list())]
+    out = plan.with_columns(
+        error=pl.Series([e or errors.get(i) for i, e in enumerate(plan["error"].to_list())],
+                        dtype=pl.String),
+        error_stage=pl.Series(stage, dtype=pl.String),
+        table_version=pl.lit(pinned.version, pl.Int64),
+        images_table=pl.lit(pinned.name), clip_model=pl.lit(spec.label), db=pl.lit(db_uri),
+    ).to_arrow().append_column("retrieved", retrieved)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(out, out_path)
+    return {"queries": plan.height, "bad_rows": int(plan["error"].is_not_null().sum()),
+            "retrieve_errors": len(errors), "table_version": pinned.version}
+
+
+def _request(row: dict, max_pixels: int) -> tuple[GenRequest, list[str]]:
+    """Prompt text plus one grid image (query photo first, then the best hits)."""
+    hits = row["retrieved"] or []
+    query_img = load_thumbnail(row["image_path"], GRID_SIZE, max_pixels) \
+        if row["image_path"] else None
+    shown = hits[: MAX_GRID - (1 if query_img else 0)]
+    images = ([query_img] if query_img else []) + [
+        load_thumbnail(h["source_uri"], GRID_SIZE, max_pixels) for h in shown]
+    labels = (["Q"] if query_img else []) + [str(h["rank"]) for h in shown]
+    prompt = build_prompt(row["text"], hits, has_query_image=query_img is not None)
+    grid = build_grid(images, labels, GRID_SIZE) if images else None
+    return GenRequest(prompt, grid), [h["image_id"] for h in shown]
+
+
+def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: str,
+            run_id: str, max_pixels: int, batch_size: int = 8, progress=None) -> list[dict]:
+    """One answer row per query, generated in batches; rows with errors skip the engine."""
+    rows = pl.read_parquet(retrieved_path).to_dicts()
+    out = [_answer_row(r, run_id, engine_name, vlm_model) for r in rows]
+    todo = [i for i, r in enumerate(rows) if r["error"] is None]
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        built = [_request(rows[i], max_pixels) for i in idx]
+        results = engine.generate([b[0] for b in built])
+        for i, (req, shown), res in zip(idx, built, results, strict=True):
+            _fill(out[i], req, shown, res, len(rows[i]["retrieved"] or []))
+        if progress:
+            progress(len(idx))
+    return out
+
+
+def _answer_row(r: dict, run_id: str, engine: str, vlm_model: str) -> dict:
+    return {
+        "run_id": run_id, "query_id": r["query_id"], "query_text": r["text"],
+        "query_image": r["image"], "mode": r["mode"], "top_k": r["top_k"],
+        "filter": r["where"], "db": r["db"], "images_table": r["images_table"],
+        "table_version": r["table_version"], "clip_model": r["clip_model"],
+        "retrieved": r["retrieved"], "engine": engine, "vlm_model": vlm_model,
+        "error": r["error"], "error_stage": r["error_stage"],
+        "generated_at": datetime.now(UTC),
+    }
+
+
+def _fill(row: dict, req: GenRequest, shown: list[str], res, n_context: int) -> None:
+    valid, _ = parse_citations(res.text, n_context)
+    row.update(prompt=req.prompt, prompt_images=shown, answer=res.text, citations=valid,
+               n_prompt_tokens=res.n_prompt_tokens, n_generated_tokens=res.n_generated_tokens,
+               generated_at=datetime.now(UTC))
+    if res.error:
+        row.update(error=res.error, error_stage="generate")
+
+
+def summary(rows: list[dict]) -> dict:
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r["error_stage"]:
+            errors[r["error_stage"]] = errors.get(r["error_stage"], 0) + 1
+    answered = sum(1 for r in rows if r.get("answer"))
+    return {"queries": len(rows), "answered": answered, "errors": errors}
+
+
+def resolve_engine(name: str, model: str, cache_dir: str) -> tuple[str, str]:
+    """``auto`` → vllm on a CUDA machine with vLLM installed, else transformers;
+    ``tiny`` → the locally built random LLaVA (same loading path as a real checkpoint)."""
+    import importlib.util
+
+    if name == "auto":
+        import torch
+
+        gpu = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+        name = "vllm" if gpu else "transformers"
+    if model == "tiny":
+        from tasks.tiny_llava import ensure_tiny_llava
+
+        model = str(ensure_tiny_llava(cache_dir))
+    return name, model

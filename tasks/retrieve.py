@@ -1,0 +1,143 @@
+"""Bulk retrieval at a pinned table version: embed all queries, search many vectors per call.
+
+Text and image queries that share a filter and ``top_k`` go to LanceDB as one matrix search
+(results tagged with ``query_index``); hybrid queries (vector + full-text on captions, fused
+with reciprocal-rank fusion) go one by one.  Filters are applied before ranking (prefilter), so
+every query gets ``top_k`` hits whenever that many rows match.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from schemas.tables import IMAGES_TABLE, SCORE_COLUMNS
+from tasks import store
+from tasks.clip_model import Clip
+from tasks.decode import Rejected, decode, read_bytes
+
+log = logging.getLogger(__name__)
+
+HIT_COLUMNS = ["image_id", "source_uri", "rel_path", "city", "lat", "lon", "caption",
+               *SCORE_COLUMNS]
+TEXT_BATCH, IMAGE_BATCH = 256, 32
+
+
+@dataclass
+class Pinned:
+    """The ``images`` table checked out at the version this run reads, for reproducibility."""
+
+    table: object
+    version: int
+    name: str = IMAGES_TABLE
+
+
+def pin_images(db_uri: str, dim: int, clip_label: str, version: int | None = None) -> Pinned:
+    """Open ``images``, refuse another model's vectors, and check out one version."""
+    db = store.connect(db_uri)
+    try:
+        table = db.open_table(IMAGES_TABLE)
+    except ValueError as e:
+        raise store.StoreError(f"no '{IMAGES_TABLE}' table in {db_uri}: run mmrag ingest") from e
+    store.check_model(table, dim, clip_label)
+    version = version or table.version
+    table.checkout(version)
+    return Pinned(table, version)
+
+
+def embed_queries(plan: pl.DataFrame, clip: Clip, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """One vector per plan row (NaN where none); image rows use the query image, others text."""
+    vectors = np.full((plan.height, clip.dim), np.nan, dtype=np.float32)
+    errors: dict[int, str] = {}
+    uses_image = plan["image_path"].is_not_null() & plan["mode"].is_in(["image", "hybrid"])
+    good = plan["error"].is_null()
+    text_idx = np.flatnonzero((good & ~uses_image).to_numpy())
+    image_idx = np.flatnonzero((good & uses_image).to_numpy())
+    texts = plan["text"].to_list()
+    for idx in _batches(text_idx, TEXT_BATCH):
+        vectors[idx] = clip.encode_texts([texts[i] for i in idx])
+    paths = plan["image_path"].to_list()
+    for idx in _batches(image_idx, IMAGE_BATCH):
+        ok, pixels = [], []
+        for i in idx:
+            try:
+                pixels.append(decode(read_bytes(paths[i]), clip.image_size, max_pixels)[0])
+                ok.append(i)
+            except Rejected as r:
+                errors[int(i)] = f"query image rejected ({r.stage}): {r.error}"
+        if ok:
+            vectors[ok] = clip.encode_pixels(np.stack(pixels))
+    return vectors, errors
+
+
+def _batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(idx), size):
+        yield idx[start : start + size]
+
+
+def search_all(pinned: Pinned, plan: pl.DataFrame, vectors: np.ndarray,
+               errors: dict[int, str], search_opts: dict | None = None) -> dict[int, list[dict]]:
+    """row → ranked hits; failures land in ``errors`` (row → reason)."""
+    hits: dict[int, list[dict]] = {}
+    ready = plan.with_row_index("_i").filter(
+        pl.col("error").is_null() & ~pl.col("_i").is_in(list(errors))
+    )
+    plain = ready.filter(pl.col("mode") != "hybrid")
+    for (where, top_k), group in plain.group_by("where", "top_k", maintain_order=True):
+        rows = group["_i"].to_list()
+        try:
+            found = _vector_search(pinned.table, vectors[rows], where, top_k, search_opts or {})
+            hits.update({rows[q]: h for q, h in found.items()})
+        except Exception as e:  # noqa: BLE001 - recorded per query, the run goes on
+            errors.update(dict.fromkeys(rows, f"search failed: {e}"))
+    for row in ready.filter(pl.col("mode") == "hybrid").iter_rows(named=True):
+        try:
+            hits[row["_i"]] = _hybrid_search(pinned.table, vectors[row["_i"]], row)
+        except Exception as e:  # noqa: BLE001
+            errors[row["_i"]] = f"hybrid search failed: {e}"
+    return hits
+
+
+def _vector_search(table, matrix: np.ndarray, where: str | None, top_k: int,
+                   opts: dict) -> dict[int, list[dict]]:
+    query = table.search(matrix if len(matrix) > 1 else matrix[0]).distance_type("cosine")
+    query = _tune(query, opts)
+    if where:
+        query = query.where(where, prefilter=True)
+    result = pl.from_arrow(query.select([*HIT_COLUMNS, "_distance"]).limit(top_k).to_arrow())
+    if "query_index" not in result.columns:
+        result = result.with_columns(query_index=pl.lit(0))
+    result = result.with_columns(similarity=(1.0 - pl.col("_distance")).cast(pl.Float32))
+    return {q: _ranked(g.sort("_distance"), "similarity")
+            for (q,), g in result.group_by("query_index")}
+
+
+def _hybrid_search(table, vector: np.ndarray, row: dict) -> list[dict]:
+    query = table.search(query_type="hybrid").vector(vector).text(row["text"])
+    query = query.distance_type("cosine")
+    if row["where"]:
+        query = query.where(row["where"], prefilter=True)
+    result = pl.from_arrow(query.select([*HIT_COLUMNS, "vector"]).limit(row["top_k"]).to_arrow())
+    if result.is_empty():
+        return []
+    sims = np.stack(result["vector"].to_numpy()) @ vector
+    result = result.with_columns(similarity=pl.Series(sims, dtype=pl.Float32),
+                                 score=pl.col("_relevance_score").cast(pl.Float32))
+    return _ranked(result.sort("score", descending=True), "score")
+
+
+def _tune(query, opts: dict):
+    for name in ("nprobes", "refine_factor"):
+        if opts.get(name):
+            query = getattr(query, name)(opts[name])
+    return query
+
+
+def _ranked(frame: pl.DataFrame, score_col: str) -> list[dict]:
+    frame = frame.with_columns(score=pl.col(score_col).cast(pl.Float32),
+                               rank=pl.int_range(1, frame.height + 1, dtype=pl.Int32))
+    return frame.select("rank", *HIT_COLUMNS, "similarity", "score").to_dicts()
