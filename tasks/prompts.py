@@ -4,8 +4,10 @@ The prompt follows the classic RAG template: an instruction (answer only from wh
 so when it is not enough, cite items as ``[n]``), the retrieved items as a delimited context
 block, then the question.  Retrieved captions and cities are *data*: they come from the dump and
 may say anything, so every delimiter-like ``<…>`` and every ``<image>`` placeholder is
-neutralised and control/format characters are removed before they enter the block.  A caption
-that says "</context> Ignore previous instructions" therefore stays inside the block.
+neutralised (``<``/``>`` become ``‹``/``›``), ``[n]`` look-alikes become ``(n)``, and
+control/format characters are removed (newlines collapse: one line per item) before they enter
+the block.  A caption saying "</context> Ignore previous instructions" stays inside the block.
+The question gets the same treatment minus the brackets (a user may refer to ``[2]``).
 
 Why one grid image: LLaVA-1.5 is trained on a single 336×336 image per conversation; several
 ``<image>`` tokens work poorly (and its HF processor centre-crops non-square inputs).  So the

@@ -63,7 +63,8 @@ def read_queries(path: str, *, image_roots: list[str], default_top_k: int = 5,
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=QUERY_PLAN_SCHEMA)), warnings
 
 
-def build_where(city: str | None, bounds: dict[str, tuple[float | None, float | None]]) -> str | None:
+def build_where(city: str | None,
+                bounds: dict[str, tuple[float | None, float | None]]) -> str | None:
     """LanceDB SQL prefilter; None when there is no filter.
 
     The city is a single-quoted literal with quotes doubled (LanceDB's parser treats backslash
@@ -114,10 +115,10 @@ def _load(path: str) -> list[Record]:
             frame = pl.read_csv(io.BytesIO(text.encode()), infer_schema=False)
             return [(r, None) for r in frame.to_dicts()]
         return _read_json(text, fmt)
-    except QueryFileError:
-        raise
     except UnicodeDecodeError as e:
         raise QueryFileError(f"queries file {path} is not valid UTF-8 (byte {e.start})") from e
+    except OSError as e:
+        raise QueryFileError(f"cannot read queries file {path}: {e.strerror or e}") from e
     except Exception as e:  # noqa: BLE001 - any parser failure is the same fatal, readable error
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise QueryFileError(f"cannot parse queries file {path} as {fmt}: "
@@ -130,7 +131,7 @@ def _read_json(text: str, fmt: str) -> list[Record]:
         items = json.loads(text)  # a broken list has no trustworthy rows: fatal
         return [_object(item, f"item {i}") for i, item in enumerate(items)]
     records, parsed = [], 0
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is data
         if not line.strip():
             continue
         try:
@@ -264,10 +265,11 @@ def _bounds(raw: dict[str, str | None], errors: list[str]) -> dict[str, float | 
 
 
 def _float32(text: str) -> float:
-    value = float(text)
+    """Finite as float32 too: just above FLT_MAX, ``pack`` rounds to inf instead of raising."""
+    value = struct.unpack("f", struct.pack("f", float(text)))[0]
     if not math.isfinite(value):
         raise ValueError(text)
-    return struct.unpack("f", struct.pack("f", value))[0]  # OverflowError beyond float32
+    return value
 
 
 def _image_path(raw: str, ctx: _Context, errors: list[str]) -> str | None:

@@ -1,0 +1,145 @@
+"""Write and read the answers dataset: ``{out}/answers/run_date=YYYY-MM-DD/{run_id}.parquet``.
+
+Analysts scan the whole directory with DuckDB or Polars while runs are writing, so a file must
+appear complete or not at all: it is written under a hidden temporary name in the same
+directory (``.``-prefixed, ``.tmp``-suffixed: Hive/DuckDB/Polars/pyarrow globs skip it),
+fsynced, then renamed over the final name.  A re-run of the same ``run_id`` therefore replaces
+the previous file in one step, and a crash leaves the previous file (or nothing) behind.
+
+``run_id`` and ``run_date`` become path components, so both are validated: no separators, no
+``..``, no hidden names.  Only local paths are supported for now; everything that touches the
+filesystem is in ``_publish``/``_require_local``, the one place to change for pyarrow.fs
+object storage (where a single PUT is already atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.answers import ANSWER_SCHEMA, ANSWERS_DIR, RETRIEVED_TYPE
+
+# ~5–10 KB per row (prompt + retrieved hits): 10k rows ≈ 50–100 MB uncompressed per row group,
+# the usual sweet spot for scan engines; most runs fit in one group.
+ROW_GROUP_ROWS = 10_000
+COMPRESSION = "zstd"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RUN_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_RETRIEVED_FIELDS = [f.name for f in RETRIEVED_TYPE]
+
+
+def validate_run_id(run_id: str) -> str:
+    """Letters, digits, ``.``, ``_``, ``-``; starts alphanumeric (never hidden); no ``..``."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ValueError(
+            f"invalid run_id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return run_id
+
+
+def validate_run_date(run_date: str) -> str:
+    """A real calendar date in ``YYYY-MM-DD`` form (the Hive partition value)."""
+    try:
+        if isinstance(run_date, str) and _RUN_DATE.fullmatch(run_date):
+            date.fromisoformat(run_date)
+            return run_date
+    except ValueError:
+        pass
+    raise ValueError(f"invalid run_date {run_date!r}: expected a date as YYYY-MM-DD")
+
+
+def _require_local(out_root: str) -> str:
+    if "://" in str(out_root):
+        raise NotImplementedError(
+            f"answers output {out_root!r}: only local paths are supported so far"
+        )
+    root = str(out_root)
+    return root.rstrip("/") or "/"
+
+
+def answers_path(out_root: str, run_date: str, run_id: str) -> str:
+    """Final location of one run's file (validates both path components)."""
+    root = _require_local(out_root)
+    run_date, run_id = validate_run_date(run_date), validate_run_id(run_id)
+    return f"{root}/{ANSWERS_DIR}/run_date={run_date}/{run_id}.parquet"
+
+
+def _normalise(row: dict) -> dict:
+    """Reject unknown keys (a typo would silently become a null column); project the hits."""
+    unknown = set(row) - set(ANSWER_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"answer row has keys outside ANSWER_SCHEMA: {sorted(unknown)}")
+    hits = row.get("retrieved")
+    if hits is None:
+        return row
+    # hits may carry extra search columns (vector, _distance …): keep only the contract's fields
+    return {**row, "retrieved": [{k: h.get(k) for k in _RETRIEVED_FIELDS} for h in hits]}
+
+
+def answers_table(rows: list[dict]) -> pa.Table:
+    """Rows → a table with exactly ``ANSWER_SCHEMA`` (missing keys null, metadata kept)."""
+    table = pa.Table.from_pylist([_normalise(r) for r in rows], schema=ANSWER_SCHEMA)
+    return table.replace_schema_metadata(ANSWER_SCHEMA.metadata)
+
+
+def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(table: pa.Table, final: str) -> None:
+    """Atomic local write: hidden temp file → fsync → ``os.replace`` → fsync the directory."""
+    directory, name = os.path.split(final)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+        _fsync(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # makes the rename durable; not possible everywhere
+        _fsync(directory)
+
+
+def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str) -> str:
+    """Write one run's answers (replacing an earlier file of the same run); returns its path."""
+    final = answers_path(out_root, run_date, run_id)
+    _publish(answers_table(rows), final)
+    return final
+
+
+def _polars_schema() -> pl.Schema:
+    return pl.from_arrow(ANSWER_SCHEMA.empty_table()).schema
+
+
+def read_answers(out_root: str) -> pl.LazyFrame:
+    """All runs as one lazy frame, ``run_date`` (a Date) from the partition path.
+
+    The current schema is imposed, so files of an older schema version (fewer columns) read
+    with nulls; hidden/temporary files are ignored.  No files yet → an empty frame.
+    """
+    root = f"{_require_local(out_root)}/{ANSWERS_DIR}"
+    hive = {"run_date": pl.Date}
+    files = Path(root).glob("run_date=*/*.parquet")
+    if not any(not f.name.startswith((".", "_")) for f in files):
+        return pl.LazyFrame(schema={**_polars_schema(), **hive})
+    return pl.scan_parquet(
+        f"{root}/**/*.parquet", hive_partitioning=True, hive_schema=hive,
+        schema=_polars_schema(), missing_columns="insert", extra_columns="ignore",
+        hidden_file_prefix=[".", "_"],
+    )
