@@ -8,6 +8,7 @@ re-run of the same ``run_id`` redoes only what is missing and replaces the outpu
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +87,7 @@ def query_flow(queries: str, settings: Settings | None = None, run_id: str | Non
     logger = _logger()
     if settings.is_tiny:
         logger.warning(TINY_WARNING + "; the tiny LLaVA's answers are random text")
+    began = time.perf_counter()
     run_id = run_id or _default_run_id()
     run_date = run_date or datetime.now(UTC).date().isoformat()
     work = str(Path(settings.work_dir) / f"query-{run_id}")
@@ -93,7 +95,10 @@ def query_flow(queries: str, settings: Settings | None = None, run_id: str | Non
     retrieved, stats = _call(retrieve_task, plan_path, settings, work)
     good = stats["queries"] - stats["bad_rows"] - stats["retrieve_errors"]
     path, result = _call(generate_task, retrieved, settings, run_id, run_date, good)
-    summary = stats | result | {"run_id": run_id, "run_date": run_date, "output": path}
+    seconds = round(time.perf_counter() - began, 3)
+    summary = stats | result | {"run_id": run_id, "run_date": run_date, "output": path,
+                                "seconds": seconds,
+                                "queries_per_s": round(stats["queries"] / max(seconds, 1e-9), 2)}
     if _in_flow_run():
         create_table_artifact([{"metric": k, "value": str(v)} for k, v in summary.items()],
                               key="query-summary", description=f"query run {run_id}")

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="decompression-bomb guard: larger images are rejected"
     )
-    out: str = Field("./out", description="root of the answers Parquet dataset")
+    out: str = Field("./data/out", description="root of the answers Parquet dataset")
     engine: Literal["auto", "vllm", "transformers", "none"] | None = Field(
         None, description="generation engine (profile default; auto = vllm on GPU)"
     )

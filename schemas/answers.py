@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.queries import BOUND_COLUMNS
 from schemas.tables import SCORE_COLUMNS
 
 SCHEMA_VERSION = "1"
@@ -42,6 +43,8 @@ ANSWER_SCHEMA = pa.schema(
         ("query_image", pa.string()),
         ("mode", pa.string()),
         ("top_k", pa.int32()),
+        ("city", pa.string()),
+        *[(c, pa.float32()) for c in BOUND_COLUMNS],
         ("filter", pa.string()),
         ("db", pa.string()),
         ("images_table", pa.string()),
@@ -50,15 +53,17 @@ ANSWER_SCHEMA = pa.schema(
         ("retrieved", pa.list_(RETRIEVED_TYPE)),
         ("prompt", pa.string()),
         ("prompt_images", pa.list_(pa.string())),
-        ("engine", pa.string()),
-        ("vlm_model", pa.string()),
+        ("generator", pa.string()),
+        ("generator_model", pa.string()),
         ("answer", pa.string()),
         ("citations", pa.list_(pa.int32())),
         ("n_prompt_tokens", pa.int32()),
         ("n_generated_tokens", pa.int32()),
         ("error", pa.string()),
         ("error_stage", pa.string()),
-        ("generated_at", pa.timestamp("us", tz="UTC")),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("retrieval_ms", pa.float32()),
+        ("generation_ms", pa.float32()),
     ],
     metadata={"mmrag.schema_version": SCHEMA_VERSION, "mmrag.table": "answers"},
 )
@@ -70,7 +75,9 @@ COLUMN_DOCS = {
     "query_image": "query image path as given",
     "mode": "text | image | hybrid",
     "top_k": "images retrieved",
-    "filter": "the LanceDB prefilter used (SQL, escaped)",
+    "city": "city filter as given",
+    "min_<score>, max_<score>": "perception-score bounds as given (six scores)",
+    "filter": "the LanceDB prefilter built from them (SQL, escaped)",
     "db": "LanceDB URI searched",
     "images_table": "table searched",
     "table_version": "LanceDB version of images searched (time travel: checkout(version))",
@@ -78,13 +85,15 @@ COLUMN_DOCS = {
     "retrieved": "ranked hits: image_id, source_uri, city, caption, similarity, scores …",
     "prompt": "full text prompt sent to the VLM",
     "prompt_images": "image_ids shown to the VLM, in grid order",
-    "engine": "vllm | transformers | none",
-    "vlm_model": "generation model id or path",
+    "generator": "engine: vllm | transformers | none",
+    "generator_model": "generation model id or path",
     "answer": "generated text (null for engine none or on error)",
     "citations": "[n] context ids cited by the answer",
     "n_prompt_tokens": "prompt tokens incl. image tokens",
     "n_generated_tokens": "tokens generated",
     "error": "why this query has no answer (bad row, retrieval or generation failure)",
     "error_stage": "query | retrieve | generate",
-    "generated_at": "UTC time the row was produced",
+    "created_at": "UTC time the row was produced",
+    "retrieval_ms": "embedding + search time for this query (batch time shared equally)",
+    "generation_ms": "generation time for this query (batch time shared equally)",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from functools import partial
 
@@ -28,6 +29,9 @@ def init_ray(address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray starts its daemons with fork+exec; lancedb warns about fork, but exec replaces the
+    # child at once, so no lancedb state is used there.
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
     if address:
         ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
         return

@@ -198,6 +198,16 @@ def vllm_inputs(batch: Sequence[GenRequest]) -> list[dict[str, Any]]:
     return inputs
 
 
+def vllm_arguments(model: str, max_new_tokens: int, temperature: float, seed: int,
+                   dtype: str) -> tuple[dict, dict]:
+    """What the vLLM engine passes to ``LLM(...)`` and ``SamplingParams(...)``: one image per
+    prompt (the grid), fixed seed, greedy at temperature 0."""
+    llm = {"model": model, "limit_mm_per_prompt": {"image": 1}, "seed": seed,
+           "dtype": _TORCH_DTYPES.get(dtype, dtype)}
+    sampling = {"temperature": temperature, "max_tokens": max_new_tokens, "seed": seed}
+    return llm, sampling
+
+
 class VllmEngine:
     """LLaVA through vLLM (GPU extra only): continuous batching, much higher throughput on CUDA.
 
@@ -223,13 +233,10 @@ class VllmEngine:
         except ImportError as exc:
             raise RuntimeError(VLLM_MISSING) from exc
         self.batch_size = batch_size
-        self.llm = LLM(
-            model=model,
-            limit_mm_per_prompt={"image": 1},
-            seed=seed,
-            dtype=_TORCH_DTYPES.get(dtype, dtype),
-        )
-        self.params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
+        llm_kwargs, sampling_kwargs = vllm_arguments(model, max_new_tokens, temperature, seed,
+                                                     dtype)
+        self.llm = LLM(**llm_kwargs)
+        self.params = SamplingParams(**sampling_kwargs)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult] = []

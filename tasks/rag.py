@@ -7,6 +7,7 @@ a bad row, a failed search or a failed generation is recorded in ``error``/``err
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.answers import RETRIEVED_TYPE
+from schemas.queries import BOUND_COLUMNS
 from tasks.clip_model import ClipSpec, load_clip, model_shape
 from tasks.generate import Engine, GenRequest
 from tasks.prompts import MAX_GRID, build_grid, build_prompt, load_thumbnail, parse_citations
@@ -30,8 +32,11 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
     plan = pl.read_parquet(plan_path)
     pinned = pin_images(db_uri, model_shape(spec)[0], spec.label)
     clip = load_clip(spec)
+    start = time.perf_counter()
     vectors, errors = embed_queries(plan, clip, max_pixels)
-    hits = search_all(pinned, plan, vectors, errors, search_opts)
+    embed_ms = (time.perf_counter() - start) * 1000 / max(plan.height, 1)
+    timings: dict[int, float] = {}
+    hits = search_all(pinned, plan, vectors, errors, search_opts, timings)
     retrieved = pa.array([hits.get(i, []) for i in range(plan.height)], pa.list_(RETRIEVED_TYPE))
     stage = [("query" if e else ("retrieve" if i in errors else None))
              for i, e in enumerate(plan["error"].to_list())]
@@ -41,6 +46,8 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
         error_stage=pl.Series(stage, dtype=pl.String),
         table_version=pl.lit(pinned.version, pl.Int64),
         images_table=pl.lit(pinned.name), clip_model=pl.lit(spec.label), db=pl.lit(db_uri),
+        retrieval_ms=pl.Series([embed_ms + timings[i] if i in timings else None
+                                for i in range(plan.height)], dtype=pl.Float32),
     ).to_arrow().append_column("retrieved", retrieved)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(out, out_path)
@@ -70,10 +77,13 @@ def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: s
     todo = [i for i, r in enumerate(rows) if r["error"] is None]
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
+        began = time.perf_counter()
         built = [_request(rows[i], max_pixels) for i in idx]
         results = engine.generate([b[0] for b in built])
+        ms = (time.perf_counter() - began) * 1000 / len(idx)
         for i, (req, shown), res in zip(idx, built, results, strict=True):
             _fill(out[i], req, shown, res, len(rows[i]["retrieved"] or []))
+            out[i]["generation_ms"] = ms
         if progress:
             progress(len(idx))
     return out
@@ -83,11 +93,12 @@ def _answer_row(r: dict, run_id: str, engine: str, vlm_model: str) -> dict:
     return {
         "run_id": run_id, "query_id": r["query_id"], "query_text": r["text"],
         "query_image": r["image"], "mode": r["mode"], "top_k": r["top_k"],
+        "city": r["city"], **{c: r[c] for c in BOUND_COLUMNS},
         "filter": r["where"], "db": r["db"], "images_table": r["images_table"],
         "table_version": r["table_version"], "clip_model": r["clip_model"],
-        "retrieved": r["retrieved"], "engine": engine, "vlm_model": vlm_model,
+        "retrieved": r["retrieved"], "generator": engine, "generator_model": vlm_model,
         "error": r["error"], "error_stage": r["error_stage"],
-        "generated_at": datetime.now(UTC),
+        "created_at": datetime.now(UTC), "retrieval_ms": r["retrieval_ms"],
     }
 
 
@@ -95,7 +106,7 @@ def _fill(row: dict, req: GenRequest, shown: list[str], res, n_context: int) -> 
     valid, _ = parse_citations(res.text, n_context)
     row.update(prompt=req.prompt, prompt_images=shown, answer=res.text, citations=valid,
                n_prompt_tokens=res.n_prompt_tokens, n_generated_tokens=res.n_generated_tokens,
-               generated_at=datetime.now(UTC))
+               created_at=datetime.now(UTC))
     if res.error:
         row.update(error=res.error, error_stage="generate")
 

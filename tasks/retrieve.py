@@ -9,6 +9,7 @@ every query gets ``top_k`` hits whenever that many rows match.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -79,26 +80,31 @@ def _batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield idx[start : start + size]
 
 
-def search_all(pinned: Pinned, plan: pl.DataFrame, vectors: np.ndarray,
-               errors: dict[int, str], search_opts: dict | None = None) -> dict[int, list[dict]]:
-    """row → ranked hits; failures land in ``errors`` (row → reason)."""
+def search_all(pinned: Pinned, plan: pl.DataFrame, vectors: np.ndarray, errors: dict[int, str],
+               search_opts: dict | None = None,
+               timings: dict[int, float] | None = None) -> dict[int, list[dict]]:
+    """row → ranked hits; failures land in ``errors``, per-query milliseconds in ``timings``."""
     hits: dict[int, list[dict]] = {}
+    timings = {} if timings is None else timings
     ready = plan.with_row_index("_i").filter(
         pl.col("error").is_null() & ~pl.col("_i").is_in(list(errors))
     )
     plain = ready.filter(pl.col("mode") != "hybrid")
     for (where, top_k), group in plain.group_by("where", "top_k", maintain_order=True):
-        rows = group["_i"].to_list()
+        rows, began = group["_i"].to_list(), time.perf_counter()
         try:
             found = _vector_search(pinned.table, vectors[rows], where, top_k, search_opts or {})
-            hits.update({rows[q]: h for q, h in found.items()})
+            hits.update({rows[q]: found.get(q, []) for q in range(len(rows))})
         except Exception as e:  # noqa: BLE001 - recorded per query, the run goes on
             errors.update(dict.fromkeys(rows, f"search failed: {e}"))
+        timings.update(dict.fromkeys(rows, (time.perf_counter() - began) * 1000 / len(rows)))
     for row in ready.filter(pl.col("mode") == "hybrid").iter_rows(named=True):
+        began = time.perf_counter()
         try:
             hits[row["_i"]] = _hybrid_search(pinned.table, vectors[row["_i"]], row)
         except Exception as e:  # noqa: BLE001
             errors[row["_i"]] = f"hybrid search failed: {e}"
+        timings[row["_i"]] = (time.perf_counter() - began) * 1000
     return hits
 
 

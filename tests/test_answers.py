@@ -24,8 +24,8 @@ def _row(query_id: str = "q00001", answer: str = "It is [1].") -> dict:
              "safer": 5.5, "vector": [0.1, 0.2], "_distance": 0.4} for r in (1, 2)]
     return {"run_id": "run-1", "query_id": query_id, "query_text": "safe?", "mode": "text",
             "top_k": 2, "retrieved": hits, "prompt": "p", "prompt_images": ["img1", "img2"],
-            "engine": "none", "answer": answer, "citations": [1],
-            "generated_at": datetime(2024, 5, 1, 12, tzinfo=UTC)}
+            "generator": "none", "answer": answer, "citations": [1],
+            "created_at": datetime(2024, 5, 1, 12, tzinfo=UTC)}
 
 
 def _visible(tmp_path) -> list[str]:
@@ -46,7 +46,7 @@ def test_round_trip_with_polars(tmp_path):
     first, second = df.sort("query_id").to_dicts()
     assert first["retrieved"][1]["image_id"] == "img2" and first["retrieved"][0]["safer"] == 5.5
     assert "vector" not in first["retrieved"][0]  # search extras are not part of the contract
-    assert first["citations"] == [1] and first["generated_at"].tzinfo is not None
+    assert first["citations"] == [1] and first["created_at"].tzinfo is not None
     assert second["retrieved"] is None and second["answer"] is None
     assert second["error"] == "bad row"
 

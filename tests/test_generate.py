@@ -6,6 +6,8 @@ import hashlib
 import importlib.util
 import io
 import os
+import sys
+import types
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -195,3 +197,48 @@ def test_vllm_inputs_follow_llava15_format():
         "multi_modal_data": {"image": image},
     }
     assert text_only == {"prompt": "USER: Why? ASSISTANT:"}
+
+
+class _Recorder:
+    """Stands in for the ``vllm`` package to capture what the engine would send to it."""
+
+    def __init__(self):
+        self.calls: list = []
+        rec = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                rec.calls.append(("LLM", kwargs))
+
+            def generate(self, inputs, params, use_tqdm=True):
+                rec.calls.append(("generate", inputs, params))
+                out = types.SimpleNamespace(text=" ok ", token_ids=[1, 2])
+                return [types.SimpleNamespace(outputs=[out], prompt_token_ids=[0] * 5)
+                        for _ in inputs]
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+
+        self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams)
+
+
+def test_vllm_request_building(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setitem(sys.modules, "vllm", rec.module)
+    engine = make_engine("vllm", "llava-hf/llava-1.5-7b-hf", max_new_tokens=32, seed=3,
+                         batch_size=2)
+    image = Image.new("RGB", (336, 336))
+    results = engine.generate([GenRequest("Is it safe?", image), GenRequest("Why?", None),
+                               GenRequest("And here?", image)])
+    assert rec.calls[0] == ("LLM", {"model": "llava-hf/llava-1.5-7b-hf",
+                                    "limit_mm_per_prompt": {"image": 1}, "seed": 3,
+                                    "dtype": "auto"})
+    batches = [c for c in rec.calls if c[0] == "generate"]
+    assert [len(b[1]) for b in batches] == [2, 1]
+    first = batches[0][1][0]
+    assert first["prompt"] == "USER: <image>\nIs it safe? ASSISTANT:"
+    assert first["multi_modal_data"]["image"] is image
+    assert batches[0][1][1] == {"prompt": "USER: Why? ASSISTANT:"}
+    assert batches[0][2].kwargs == {"temperature": 0.0, "max_tokens": 32, "seed": 3}
+    assert [r.text for r in results] == ["ok"] * 3 and results[0].n_prompt_tokens == 5

@@ -1,0 +1,100 @@
+"""The query flow end to end on the tiny models: real Ray ingest, real LanceDB, real LLaVA code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import lancedb
+import polars as pl
+import pytest
+
+from flows.ingest import ingest_flow
+from flows.query import query_flow
+from tasks.answers import read_answers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, sample_dump, cache_dir, ray_session):
+    from mmrag.settings import Settings
+
+    base = tmp_path_factory.mktemp("query")
+    dump = base / "dump"
+    shutil.copytree(sample_dump, dump)
+    settings = Settings(db=str(base / "db"), profile="tiny", cache_dir=str(cache_dir),
+                        work_dir=str(base / "work"), out=str(base / "out"), max_new_tokens=6,
+                        embed_actor_cpus=0.5, decode_cpus=0.25)
+    ingest_flow.fn(str(dump), settings)
+    images = lancedb.connect(settings.db).open_table("images").to_polars().collect()
+    return base, dump, settings, images
+
+
+def _queries(base, rows, name="q.jsonl"):
+    path = base / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _answers(settings, run_id):
+    return read_answers(settings.out).filter(pl.col("run_id") == run_id).collect()
+
+
+def test_every_query_gets_one_row_with_provenance(world):
+    base, dump, settings, images = world
+    city = images["city"][0]
+    photo = images["source_uri"][3]
+    rows = [
+        {"query_id": "t", "text": "a street with trees", "top_k": 3},
+        {"query_id": "c", "text": "is it safe?", "city": city, "min_safer": 0},
+        {"query_id": "i", "image": photo, "top_k": 2},
+        {"query_id": "inj", "text": "x", "city": "x' OR '1'='1"},
+        {"query_id": "bad"},
+    ]
+    settings = settings.model_copy(update={"query_image_roots": [str(dump)]})
+    summary = query_flow.fn(_queries(base, rows), settings, "run-a", "2026-01-02")
+    out = _answers(settings, "run-a").sort("query_id")
+    assert out["query_id"].to_list() == ["bad", "c", "i", "inj", "t"]
+    by = {r["query_id"]: r for r in out.iter_rows(named=True)}
+    version = lancedb.connect(settings.db).open_table("images").version
+    assert set(out["table_version"]) == {version} == {summary["table_version"]}
+    assert len(by["t"]["retrieved"]) == 3 and by["t"]["answer"] and by["t"]["error"] is None
+    assert {h["city"] for h in by["c"]["retrieved"]} == {city}
+    assert len(by["c"]["retrieved"]) == min(5, (images["city"] == city).sum())
+    top = by["i"]["retrieved"][0]
+    assert top["source_uri"] == photo and top["similarity"] == pytest.approx(1.0, abs=1e-3)
+    assert by["inj"]["retrieved"] == [] and "''1''=''1'" in by["inj"]["filter"]
+    assert by["bad"]["error_stage"] == "query" and "no text and no image" in by["bad"]["error"]
+    assert by["t"]["prompt"].count("<context>") == 1 and by["t"]["n_generated_tokens"] > 0
+    assert out["run_date"].cast(pl.String).unique().to_list() == ["2026-01-02"]
+
+
+def test_hybrid_finds_the_caption_match(world):
+    base, _, settings, images = world
+    word = "zebracrossingxyz"
+    target = images["image_id"][5]
+    table = lancedb.connect(settings.db).open_table("images")
+    table.update(where=f"image_id = '{target}'", values={"caption": f"a {word} here"})
+    table.create_index("caption", config=__import__("lancedb").index.FTS(), replace=True)
+    settings = settings.model_copy(update={"engine": "none"})
+    query_flow.fn(_queries(base, [{"query_id": "h", "text": word, "mode": "hybrid",
+                                   "top_k": 3}]), settings, "run-h", None)
+    hit = _answers(settings, "run-h")["retrieved"][0]
+    assert target in [h["image_id"] for h in hit]
+
+
+def test_engine_none_rerun_replaces_and_version_is_pinned(world):
+    base, dump, settings, _ = world
+    settings = settings.model_copy(update={"engine": "none"})
+    q = _queries(base, [{"query_id": "a", "text": "grey sky", "top_k": 4}], "pin.jsonl")
+    first = query_flow.fn(q, settings, "run-p", "2026-01-03")
+    out = _answers(settings, "run-p")
+    assert out["answer"].to_list() == [None] and out["prompt"][0].startswith("You are given")
+    again = query_flow.fn(q, settings, "run-p", "2026-01-03")
+    files = list((base / "out" / "answers" / "run_date=2026-01-03").glob("*.parquet"))
+    assert [f.name for f in files] == ["run-p.parquet"]
+    assert again["table_version"] == first["table_version"]
+    table = lancedb.connect(settings.db).open_table("images")
+    table.checkout(first["table_version"])
+    assert table.count_rows() == 24
