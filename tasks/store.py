@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import lancedb
 import polars as pl
 import pyarrow as pa
-from lancedb.index import FTS
+from lancedb.index import FTS, Bitmap, BTree
 
 from schemas.tables import (
     FILES_TABLE,
@@ -142,10 +142,10 @@ def refresh_indexes(tables: Tables) -> list[str]:
     built = []
     if tables.images.count_rows():
         tables.images.create_index("caption", config=FTS(), replace=True)
-        tables.images.create_scalar_index("image_id", replace=True)
-        tables.images.create_scalar_index("city", index_type="BITMAP", replace=True)
+        tables.images.create_index("image_id", config=BTree(), replace=True)
+        tables.images.create_index("city", config=Bitmap(), replace=True)
         built += ["images.caption (FTS)", "images.image_id (BTREE)", "images.city (BITMAP)"]
     if tables.files.count_rows():
-        tables.files.create_scalar_index("source_uri", replace=True)
+        tables.files.create_index("source_uri", config=BTree(), replace=True)
         built.append("files.source_uri (BTREE)")
     return built

@@ -44,7 +44,7 @@ def test_invalid_setting_is_reported(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_sample_dump_then_ingest_twice(tmp_path, cache_dir):
+def test_sample_dump_ingest_then_query(tmp_path, cache_dir):
     dump = tmp_path / "dump"
     r = _run(["sample-dump", str(dump), "--n", "12", "--with-bad"], tmp_path, cache_dir)
     assert r.returncode == 0, r.stderr
@@ -54,6 +54,12 @@ def test_sample_dump_then_ingest_twice(tmp_path, cache_dir):
     assert "random-weight CLIP" in first.stdout and "rejected: decode=4" in first.stdout
     t = tables(str(tmp_path / "db"))
     assert t["images"].height >= 12 and t["rejects"].height > 0
-    again = _run(["ingest", str(dump)], tmp_path, cache_dir)
-    assert again.returncode == 0 and " 0 read" in again.stdout.replace(",", "")
-    assert tables(str(tmp_path / "db"))["images"].height == t["images"].height
+    queries = tmp_path / "q.jsonl"
+    assert _run(["sample-queries", str(queries), "--dump", str(dump)], tmp_path,
+                cache_dir).returncode == 0
+    answered = _run(["query", str(queries), "--run-id", "cli", "--out", str(tmp_path / "out")],
+                    tmp_path, cache_dir, MMRAG_MAX_NEW_TOKENS="4")
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert "8 queries, 6 answered, errors: query=2" in answered.stdout
+    out = list((tmp_path / "out" / "answers").glob("run_date=*/cli.parquet"))
+    assert len(out) == 1 and str(out[0]) in answered.stdout.replace("\n", "")
