@@ -50,7 +50,8 @@ def _run_id() -> str:
 def plan_task(source: str, settings: Settings, run_id: str) -> tuple[str, dict]:
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     plan_path = Path(settings.work_dir) / run_id / "plan.parquet"
-    counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path)
+    counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
+                            settings.table_suffix)
     _logger().info("seen %d files, %d unchanged, %d to read", counts.seen,
                           counts.unchanged, counts.todo)
     return str(plan_path), counts.as_dict()
@@ -66,7 +67,8 @@ def embed_task(plan_path: str, total: int, settings: Settings, run_id: str) -> d
                 actor_cpus=settings.embed_actor_cpus, decode_cpus=settings.decode_cpus,
                 out_rows=settings.commit_rows)
     with progress(total, "ingest", logger) as advance:
-        counts = ingest.process(Path(plan_path), settings.db, spec, run_id, opts, advance)
+        counts = ingest.process(Path(plan_path), settings.db, spec, run_id, opts, advance,
+                                settings.table_suffix)
     return counts.as_dict()
 
 

@@ -61,7 +61,8 @@ def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, d
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     out = Path(work) / "retrieved.parquet"
     opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor}
-    stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts)
+    stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts,
+                         settings.table_suffix)
     _logger().info("retrieved at %s version %d: %s", settings.db, stats["table_version"], stats)
     return str(out), stats
 

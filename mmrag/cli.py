@@ -110,7 +110,7 @@ def _preflight(source: str, settings) -> None:
 
     open_source(source)
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
-    store.open_tables(settings.db, model_shape(spec)[0], spec.label)
+    store.open_tables(settings.db, model_shape(spec)[0], spec.label, settings.table_suffix)
 
 
 @app.command()

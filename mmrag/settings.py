@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     )
     nprobes: int | None = Field(None, ge=1, description="ANN partitions probed (indexed tables)")
     refine_factor: int | None = Field(None, ge=1, description="ANN re-ranking factor")
+    table_suffix: str | None = Field(
+        None, description="table-set suffix; None = derived from the CLIP model"
+    )
     cache_dir: str = Field(default_factory=_default_cache, description="tiny models, Ray temp")
     work_dir: str = Field("./data/work", description="per-run scratch files (listings, plans)")
 

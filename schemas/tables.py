@@ -6,6 +6,7 @@ them.  The ``images`` vector width depends on the CLIP model, so its model is bu
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from functools import cache
 
@@ -27,6 +28,27 @@ REJECT_STAGES = ("path", "missing", "read", "decode", "metadata", "embed")
 IMAGES_TABLE = "images"
 FILES_TABLE = "files"
 REJECTS_TABLE = "rejects"
+
+#: models whose tables carry no suffix: the two profiles' defaults
+UNSUFFIXED_MODELS = frozenset({
+    "ViT-B-32/laion2b_s34b_b79k",
+    "mmrag-tiny-clip/mmrag-tiny-clip-seed0.safetensors",
+})
+
+
+def table_suffix(clip_label: str) -> str:
+    """Vectors of two models never share a column: each model gets its own table set.
+
+    The profiles' default models use ``images``/``files``/``rejects``; any other model uses
+    ``images__<model>`` etc., so re-embedding with a new model is a backfill into new tables.
+    """
+    if clip_label in UNSUFFIXED_MODELS:
+        return ""
+    return "__" + re.sub(r"[^a-z0-9]+", "_", clip_label.lower()).strip("_")[:80]
+
+
+def table_names(suffix: str) -> tuple[str, str, str]:
+    return IMAGES_TABLE + suffix, FILES_TABLE + suffix, REJECTS_TABLE + suffix
 
 
 class ImageMeta(LanceModel):

@@ -53,13 +53,26 @@ class IngestCounts:
 
 
 def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
-            plan_path: Path) -> IngestCounts:
+            plan_path: Path, suffix: str | None = None) -> IngestCounts:
     """List SOURCE, parse metadata, anti-join the ledger; write the plan; record path rejects."""
     filesystem, root, is_local = open_source(source)
     uri_root = root if is_local else source.split("://", 1)[0] + "://" + root
     listing = list_dump(source)
     meta = load_metadata(filesystem, root, "" if is_local else source.split("://", 1)[0] + "://")
-    tables = store.open_tables(db_uri, dim, spec.label)
+    tables = store.open_tables(db_uri, dim, spec.label, suffix)
+    with store.writer_lock(db_uri, tables.images.name):
+        plan = _plan_and_record(tables, listing, meta, uri_root, run_id)
+    todo = plan.todo.filter(pl.col("escape").is_null())
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    todo.write_parquet(plan_path)
+    stages = Counter(r["stage"] for r in plan.rejects)
+    return IngestCounts(seen=plan.seen, unchanged=plan.unchanged, todo=todo.height,
+                        rejected=dict(stages))
+
+
+def _plan_and_record(tables: store.Tables, listing: pa.Table, meta, uri_root: str,
+                     run_id: str):
+    """Ledger anti-join, then record what is rejected without reading (path escapes)."""
     plan = plan_ingest(listing, meta, store.ledger(tables.files), uri_root)
     escaped = plan.todo.filter(pl.col("escape").is_not_null())
     plan.rejects += [
@@ -68,12 +81,7 @@ def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
     ]
     store.upsert_rejects(tables.rejects, plan.rejects, run_id)
     store.upsert_files(tables.files, _file_rows(escaped, None, "rejected", run_id))
-    todo = plan.todo.filter(pl.col("escape").is_null())
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    todo.write_parquet(plan_path)
-    stages = Counter(r["stage"] for r in plan.rejects)
-    return IngestCounts(seen=plan.seen, unchanged=plan.unchanged, todo=todo.height,
-                        rejected=dict(stages))
+    return plan
 
 
 def commit_chunk(tables: store.Tables, chunk: pa.Table, clip_label: str, run_id: str) -> Counter:
@@ -165,22 +173,24 @@ def elapsed(start: float) -> float:
 
 
 def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dict,
-            progress=None) -> IngestCounts:
+            progress=None, suffix: str | None = None) -> IngestCounts:
     """Stream the plan through Ray; commit chunk by chunk; ``progress(n_done)`` after each."""
     from tasks.clip_model import model_shape
     from tasks.embed import embed_files
 
     dim, size = model_shape(spec)
-    tables = store.open_tables(db_uri, dim, spec.label)
+    tables = store.open_tables(db_uri, dim, spec.label, suffix)
     todo = pl.read_parquet(plan_path)
     start, counts = time.perf_counter(), Counter()
     stream = embed_files(todo.drop("escape").to_arrow(), spec, image_size=size, **opts)
     for chunk in stream:
-        counts += commit_chunk(tables, chunk, spec.label, run_id)
+        with store.writer_lock(db_uri, tables.images.name):
+            counts += commit_chunk(tables, chunk, spec.label, run_id)
         if progress:
             progress(chunk.num_rows)
     old = todo["old_image_id"].drop_nulls().to_list()
-    removed, built = finish(tables, old)
+    with store.writer_lock(db_uri, tables.images.name):
+        removed, built = finish(tables, old)
     log.info("indexes refreshed: %s", ", ".join(built) or "none")
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     return IngestCounts(todo=todo.height, ingested=counts["ingested"],

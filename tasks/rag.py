@@ -27,10 +27,10 @@ GRID_SIZE = 336
 
 
 def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_pixels: int,
-             search_opts: dict | None = None) -> dict:
+             search_opts: dict | None = None, suffix: str | None = None) -> dict:
     """Embed and search every good query at one pinned version; write hits next to the plan."""
     plan = pl.read_parquet(plan_path)
-    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label)
+    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label, suffix=suffix)
     clip = load_clip(spec)
     start = time.perf_counter()
     vectors, errors = embed_queries(plan, clip, max_pixels)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from schemas.tables import IMAGES_TABLE, SCORE_COLUMNS
+from schemas.tables import SCORE_COLUMNS, table_names, table_suffix
 from tasks import store
 from tasks.clip_model import Clip
 from tasks.decode import Rejected, decode, read_bytes
@@ -34,20 +34,23 @@ class Pinned:
 
     table: object
     version: int
-    name: str = IMAGES_TABLE
+    name: str
 
 
-def pin_images(db_uri: str, dim: int, clip_label: str, version: int | None = None) -> Pinned:
-    """Open ``images``, refuse another model's vectors, and check out one version."""
+def pin_images(db_uri: str, dim: int, clip_label: str, version: int | None = None,
+               suffix: str | None = None) -> Pinned:
+    """Open the model's ``images`` table, refuse another model's vectors, check out a version."""
     db = store.connect(db_uri)
+    name = table_names(table_suffix(clip_label) if suffix is None else suffix)[0]
     try:
-        table = db.open_table(IMAGES_TABLE)
+        table = db.open_table(name)
     except ValueError as e:
-        raise store.StoreError(f"no '{IMAGES_TABLE}' table in {db_uri}: run mmrag ingest") from e
+        raise store.StoreError(f"no '{name}' table in {db_uri} for model {clip_label}: "
+                               "run mmrag ingest with this model first") from e
     store.check_model(table, dim, clip_label)
     version = version or table.version
     table.checkout(version)
-    return Pinned(table, version)
+    return Pinned(table, version, name)
 
 
 def embed_queries(plan: pl.DataFrame, clip: Clip, max_pixels: int) -> tuple[np.ndarray, dict]:

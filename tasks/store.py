@@ -7,9 +7,14 @@ ledger row is the commit marker that makes a file "done".
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import lancedb
 import polars as pl
@@ -17,12 +22,11 @@ import pyarrow as pa
 from lancedb.index import FTS, Bitmap, BTree
 
 from schemas.tables import (
-    FILES_TABLE,
-    IMAGES_TABLE,
-    REJECTS_TABLE,
     files_schema,
     images_schema,
     rejects_schema,
+    table_names,
+    table_suffix,
 )
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -40,6 +44,25 @@ class Tables:
     rejects: lancedb.table.Table
 
 
+@contextmanager
+def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None]:
+    """Serialise writers of one table: concurrent ``merge_insert`` of the same new keys from two
+    processes creates duplicates (measured, STACK.md).  A file lock next to a local database;
+    for a remote database the lock is per machine (use one writer host, or a Prefect
+    concurrency limit, across machines)."""
+    from filelock import FileLock
+
+    if "://" in db_uri and not db_uri.startswith("file://"):
+        digest = hashlib.sha256(db_uri.encode()).hexdigest()[:16]
+        root = Path(os.environ.get("MMRAG_CACHE_DIR", Path.home() / ".cache/mmrag")) / "locks"
+        path = root / f"{digest}-{table}.lock"
+    else:
+        path = Path(db_uri.removeprefix("file://") + ".locks") / f"{table}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path), timeout=timeout):
+        yield
+
+
 def connect(uri: str) -> lancedb.DBConnection:
     try:
         return lancedb.connect(uri)
@@ -47,13 +70,16 @@ def connect(uri: str) -> lancedb.DBConnection:
         raise StoreError(f"cannot open LanceDB at {uri}: {e}") from e
 
 
-def open_tables(uri: str, dim: int, clip_label: str) -> Tables:
-    """Create missing tables; refuse an ``images`` table made by another CLIP model."""
+def open_tables(uri: str, dim: int, clip_label: str, suffix: str | None = None) -> Tables:
+    """Create missing tables; refuse an ``images`` table made by another CLIP model.
+
+    ``suffix`` None = the model's own table set (``table_suffix``)."""
     db = connect(uri)
+    names = table_names(table_suffix(clip_label) if suffix is None else suffix)
     try:
-        images = _open_or_create(db, IMAGES_TABLE, images_schema(dim))
-        files = _open_or_create(db, FILES_TABLE, files_schema())
-        rejects = _open_or_create(db, REJECTS_TABLE, rejects_schema())
+        images = _open_or_create(db, names[0], images_schema(dim))
+        files = _open_or_create(db, names[1], files_schema())
+        rejects = _open_or_create(db, names[2], rejects_schema())
     except Exception as e:  # noqa: BLE001 - permission, disk, bad URI: one-line fatal error
         raise StoreError(f"cannot write LanceDB at {uri}: {e}") from e
     check_model(images, dim, clip_label)
@@ -74,7 +100,7 @@ def check_model(images, dim: int, clip_label: str) -> None:
     other = found["clip_model"][0].as_py() if found.num_rows else None
     if width != dim or (other is not None and other != clip_label):
         raise StoreError(
-            f"table '{IMAGES_TABLE}' holds vectors of {other or 'another model'} ({width}-d); "
+            f"table '{images.name}' holds vectors of {other or 'another model'} ({width}-d); "
             f"the configured model is {clip_label} ({dim}-d): use another database or table"
         )
 

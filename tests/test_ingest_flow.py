@@ -92,9 +92,19 @@ def test_other_model_table_is_refused(dump, settings, ray_session):
     from tasks.store import StoreError
 
     ingest(dump, settings)
-    other = settings.model_copy(update={"clip_model": "ViT-B-32", "clip_pretrained": "x.pt"})
+    other = settings.model_copy(update={"clip_model": "ViT-B-32", "clip_pretrained": "x.pt",
+                                        "table_suffix": ""})
     with pytest.raises(StoreError, match="configured model is ViT-B-32"):
         ingest(dump, other)
+
+
+def test_each_model_gets_its_own_tables():
+    from schemas.tables import table_names, table_suffix
+
+    assert table_names(table_suffix("ViT-B-32/laion2b_s34b_b79k")) == ("images", "files",
+                                                                       "rejects")
+    assert table_names(table_suffix("ViT-L-14/openai"))[0] == "images__vit_l_14_openai"
+    assert table_suffix("x/../../etc") == "__x_etc"
 
 
 def _versions(db: str) -> dict:
