@@ -7,6 +7,7 @@ inside one coarse task (Prefect orchestrates, Ray distributes).
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mmrag.settings import Settings
 from tasks import ingest
 from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
 from tasks.embed import init_ray
+from tasks.storage import StorageConfig
 
 
 def _logger():
@@ -48,28 +50,56 @@ def _run_id() -> str:
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(source: str, settings: Settings, run_id: str) -> tuple[str, dict]:
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
-    plan_path = Path(settings.work_dir) / run_id / "plan.parquet"
-    counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
-                            settings.table_suffix)
-    _logger().info("seen %d files, %d unchanged, %d to read", counts.seen,
-                          counts.unchanged, counts.todo)
-    return str(plan_path), counts.as_dict()
+    return plan_source(source, settings, run_id)
 
 
 @task(name="embed-and-write", cache_policy=NO_CACHE)
 def embed_task(plan_path: str, total: int, settings: Settings, run_id: str) -> dict:
-    logger = _logger()
+    return embed_plan(plan_path, total, settings, run_id)
+
+
+def plan_source(source: str, settings: Settings, run_id: str,
+                plan_name: str = "plan.parquet") -> tuple[str, dict]:
+    """List SOURCE and anti-join the ledger (no image bytes read); the plan goes to a file."""
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
-    init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
-    opts = dict(max_pixels=settings.max_image_pixels, batch_size=settings.batch_size,
+    plan_path = Path(settings.work_dir) / run_id / plan_name
+    counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
+                            settings.table_suffix, StorageConfig.from_settings(settings))
+    _logger().info("%s: seen %d files, %d unchanged, %d to read", source, counts.seen,
+                   counts.unchanged, counts.todo)
+    return str(plan_path), counts.as_dict()
+
+
+def pipeline_opts(settings: Settings) -> dict:
+    """The Ray Data pipeline's knobs, from settings."""
+    return dict(max_pixels=settings.max_image_pixels, batch_size=settings.batch_size,
                 decode_batch_size=settings.decode_batch_size, actors=settings.embed_actors,
                 actor_cpus=settings.embed_actor_cpus, decode_cpus=settings.decode_cpus,
+                threads=settings.embed_threads or max(1, (settings.ray_num_cpus or os.cpu_count()
+                                                          or 1) // settings.embed_actors),
                 out_rows=settings.commit_rows)
-    with progress(total, "ingest", logger) as advance:
-        counts = ingest.process(Path(plan_path), settings.db, spec, run_id, opts, advance,
-                                settings.table_suffix)
+
+
+def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str,
+               refresh: bool = True) -> dict:
+    """Run a plan through Ray (started once per process) and commit it chunk by chunk."""
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
+    with progress(total, "ingest", _logger()) as advance:
+        counts = ingest.process(Path(plan_path), settings.db, spec, run_id,
+                                pipeline_opts(settings), advance, settings.table_suffix, refresh,
+                                storage=StorageConfig.from_settings(settings))
     return counts.as_dict()
+
+
+def ingest_source(source: str, settings: Settings, run_id: str, plan_name: str = "plan.parquet",
+                  refresh: bool = True) -> dict:
+    """The ingest core for one dump, without Prefect tasks (backfills call it per dump)."""
+    plan_path, planned = plan_source(source, settings, run_id, plan_name)
+    done = None
+    if planned["todo"]:
+        done = embed_plan(plan_path, planned["todo"], settings, run_id, refresh)
+    return merge_counts(planned, done)
 
 
 def merge_counts(planned: dict, done: dict | None) -> dict:

@@ -24,6 +24,7 @@ from tasks.answers import write_answers
 from tasks.clip_model import TINY_WARNING, resolve_spec
 from tasks.generate import make_engine
 from tasks.queries import read_queries
+from tasks.storage import StorageConfig
 
 
 def _logger():
@@ -62,7 +63,7 @@ def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, d
     out = Path(work) / "retrieved.parquet"
     opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor}
     stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts,
-                         settings.table_suffix)
+                         settings.table_suffix, StorageConfig.from_settings(settings))
     _logger().info("retrieved at %s version %d: %s", settings.db, stats["table_version"], stats)
     return str(out), stats
 
@@ -73,10 +74,11 @@ def generate_task(retrieved: str, settings: Settings, run_id: str, run_date: str
     name, model = rag.resolve_engine(*settings.vlm_spec(), settings.cache_dir)
     engine = make_engine(name, model, max_new_tokens=settings.max_new_tokens,
                          temperature=settings.temperature, batch_size=settings.gen_batch_size)
+    storage = StorageConfig.from_settings(settings)
     with progress(total, "generate", _logger()) as advance:
         rows = rag.respond(Path(retrieved), engine, name, model, run_id,
-                           settings.max_image_pixels, settings.gen_batch_size, advance)
-    path = write_answers(rows, settings.out, run_date, run_id)
+                           settings.max_image_pixels, settings.gen_batch_size, advance, storage)
+    path = write_answers(rows, settings.out, run_date, run_id, storage)
     return path, rag.summary(rows) | {"engine": name, "vlm_model": model}
 
 

@@ -155,5 +155,8 @@ def _print_summary(summary: dict) -> None:
     typer.echo("\n".join(lines), file=sys.stdout)
 
 
+__import__("mmrag.cli_backfill", fromlist=["register"]).register(app)  # mmrag backfill
+__import__("mmrag.cli_ops", fromlist=["register"]).register(sys.modules[__name__])  # serve, status
+
 if __name__ == "__main__":
     app()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMRAG_", extra="ignore")
 
     db: str = Field("./data/lancedb", description="LanceDB URI (folder or s3://…)")
+    s3_endpoint: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. https://minio:9000 (None = AWS)"
+    )
+    s3_region: str | None = Field(None, description="S3 region (None = SDK default / bucket's)")
+    s3_allow_http: bool = Field(
+        False, description="allow a plain-HTTP S3 endpoint (loopback or test servers only)"
+    )
     profile: Literal["default", "tiny"] = Field("default", description="model profile")
     clip_model: str | None = Field(None, description="open_clip model name (profile default)")
     clip_pretrained: str | None = Field(
@@ -48,6 +55,9 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None = all)")
     embed_actors: int = Field(1, ge=1, description="CLIP actors in the Ray actor pool")
     embed_actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per CLIP actor")
+    embed_threads: int | None = Field(
+        None, ge=1, description="torch threads per CLIP actor (None = node CPUs / actors)"
+    )
     decode_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="decompression-bomb guard: larger images are rejected"
@@ -72,6 +82,14 @@ class Settings(BaseSettings):
     )
     cache_dir: str = Field(default_factory=_default_cache, description="tiny models, Ray temp")
     work_dir: str = Field("./data/work", description="per-run scratch files (listings, plans)")
+
+    @model_validator(mode="after")
+    def _check_storage(self) -> Settings:
+        """An http:// endpoint without s3_allow_http fails here, not mid-run."""
+        from tasks.storage import normalise_endpoint
+
+        normalise_endpoint(self.s3_endpoint, self.s3_allow_http)
+        return self
 
     def clip_spec(self) -> tuple[str, str]:
         """The (model, pretrained) pair after applying profile defaults."""

@@ -146,3 +146,27 @@ def _tighten(schema: pa.Schema) -> pa.Schema:
             f = f.with_type(pa.timestamp("us", tz="UTC"))
         fields.append(f)
     return pa.schema(fields, metadata=schema.metadata)
+
+
+BACKFILLS_TABLE = "backfills"
+BACKFILL_STATUSES = ("running", "done", "failed")
+
+
+class BackfillRecord(LanceModel):
+    """Progress of one dump inside one backfill; a re-run skips the dumps already ``done``."""
+
+    backfill_id: str = Field(description="stable id: hash of the dump list + CLIP model")
+    dump: str = Field(description="dump root (absolute path or URI)")
+    clip_model: str = Field(description="model/pretrained the dump is embedded with")
+    status: str = Field(description="running | done | failed")
+    seen: int = Field(0, description="image files listed in the dump")
+    ingested: int = Field(0, description="new images embedded by this backfill")
+    duplicates: int = Field(0, description="files whose bytes were already stored")
+    rejected: int = Field(0, description="rejects recorded (all stages)")
+    seconds: float = Field(0.0, description="wall time of this dump")
+    error: str | None = Field(None, description="why the dump failed (status failed)")
+    finished_at: datetime | None = Field(None, description="UTC time the status was written")
+
+
+def backfills_schema() -> pa.Schema:
+    return _tighten(BackfillRecord.to_arrow_schema())

@@ -6,10 +6,13 @@ directory (``.``-prefixed, ``.tmp``-suffixed: Hive/DuckDB/Polars/pyarrow globs s
 fsynced, then renamed over the final name.  A re-run of the same ``run_id`` therefore replaces
 the previous file in one step, and a crash leaves the previous file (or nothing) behind.
 
+On object storage (``s3://bucket/out``, reached through ``tasks.storage``) there is no rename:
+the file is serialised in memory and uploaded to its final key in one upload.  An S3 object
+becomes visible only when its PUT (or the last step of a multipart upload) succeeds, so
+readers never see a partial file and a re-run replaces the previous object in one step.
+
 ``run_id`` and ``run_date`` become path components, so both are validated: no separators, no
-``..``, no hidden names.  Only local paths are supported for now; everything that touches the
-filesystem is in ``_publish``/``_require_local``, the one place to change for pyarrow.fs
-object storage (where a single PUT is already atomic).
+``..``, no hidden names.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from schemas.answers import ANSWER_SCHEMA, ANSWERS_DIR, RETRIEVED_TYPE
+from tasks.storage import StorageConfig, filesystem, is_local, storage_options
 
 # ~5–10 KB per row (prompt + retrieved hits): 10k rows ≈ 50–100 MB uncompressed per row group,
 # the usual sweet spot for scan engines; most runs fit in one group.
@@ -57,18 +62,20 @@ def validate_run_date(run_date: str) -> str:
     raise ValueError(f"invalid run_date {run_date!r}: expected a date as YYYY-MM-DD")
 
 
-def _require_local(out_root: str) -> str:
-    if "://" in str(out_root):
-        raise NotImplementedError(
-            f"answers output {out_root!r}: only local paths are supported so far"
-        )
+def _root(out_root: str) -> str:
+    """The dataset root without a trailing slash: a local path, or a URI with a bucket."""
     root = str(out_root)
-    return root.rstrip("/") or "/"
+    if is_local(root):
+        return root.removeprefix("file://").rstrip("/") or "/"
+    scheme, rest = root.split("://", 1)
+    if not rest.strip("/"):
+        raise ValueError(f"answers output {out_root!r}: expected {scheme}://bucket[/prefix]")
+    return f"{scheme}://{rest.rstrip('/')}"
 
 
 def answers_path(out_root: str, run_date: str, run_id: str) -> str:
     """Final location of one run's file (validates both path components)."""
-    root = _require_local(out_root)
+    root = _root(out_root)
     run_date, run_id = validate_run_date(run_date), validate_run_id(run_id)
     return f"{root}/{ANSWERS_DIR}/run_date={run_date}/{run_id}.parquet"
 
@@ -99,6 +106,16 @@ def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+def _publish_object(table: pa.Table, final: str, storage: StorageConfig | None) -> None:
+    """Object store: serialise first (a writer error never reaches the store), then one upload
+    to the final key, which is visible only once complete."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+    fs_, path = filesystem(final, storage)
+    with fs_.open_output_stream(path) as out:
+        out.write(sink.getvalue())
+
+
 def _publish(table: pa.Table, final: str) -> None:
     """Atomic local write: hidden temp file → fsync → ``os.replace`` → fsync the directory."""
     directory, name = os.path.split(final)
@@ -116,10 +133,16 @@ def _publish(table: pa.Table, final: str) -> None:
         _fsync(directory)
 
 
-def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str) -> str:
-    """Write one run's answers (replacing an earlier file of the same run); returns its path."""
+def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str,
+                  storage: StorageConfig | None = None) -> str:
+    """Write one run's answers (replacing an earlier file of the same run); returns its path.
+
+    ``storage`` reaches an s3:// ``out_root`` (None = the ``MMRAG_S3_*`` environment)."""
     final = answers_path(out_root, run_date, run_id)
-    _publish(answers_table(rows), final)
+    if is_local(final):
+        _publish(answers_table(rows), final)
+    else:
+        _publish_object(answers_table(rows), final, storage)
     return final
 
 
@@ -127,19 +150,30 @@ def _polars_schema() -> pl.Schema:
     return pl.from_arrow(ANSWER_SCHEMA.empty_table()).schema
 
 
-def read_answers(out_root: str) -> pl.LazyFrame:
+def _has_files(root: str, storage: StorageConfig | None) -> bool:
+    """Any visible ``run_date=*/*.parquet`` under ``root`` (a glob over none fails in Polars)."""
+    if is_local(root):
+        files = Path(root.removeprefix("file://")).glob("run_date=*/*.parquet")
+        return any(not f.name.startswith((".", "_")) for f in files)
+    fs_, path = filesystem(root, storage)
+    infos = fs_.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return any(i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+               and not i.base_name.startswith((".", "_"))
+               and i.path.rsplit("/", 2)[-2].startswith("run_date=") for i in infos)
+
+
+def read_answers(out_root: str, storage: StorageConfig | None = None) -> pl.LazyFrame:
     """All runs as one lazy frame, ``run_date`` (a Date) from the partition path.
 
     The current schema is imposed, so files of an older schema version (fewer columns) read
     with nulls; hidden/temporary files are ignored.  No files yet → an empty frame.
     """
-    root = f"{_require_local(out_root)}/{ANSWERS_DIR}"
+    root = f"{_root(out_root)}/{ANSWERS_DIR}"
     hive = {"run_date": pl.Date}
-    files = Path(root).glob("run_date=*/*.parquet")
-    if not any(not f.name.startswith((".", "_")) for f in files):
+    if not _has_files(root, storage):
         return pl.LazyFrame(schema={**_polars_schema(), **hive})
     return pl.scan_parquet(
         f"{root}/**/*.parquet", hive_partitioning=True, hive_schema=hive,
         schema=_polars_schema(), missing_columns="insert", extra_columns="ignore",
-        hidden_file_prefix=[".", "_"],
+        hidden_file_prefix=[".", "_"], storage_options=storage_options(root, storage),
     )

@@ -81,6 +81,8 @@ def resolve_spec(model: str, pretrained: str, cache_dir: str, precision: str = "
     config_dir = None
     if pretrained == "tiny":
         config_dir, pretrained = ensure_tiny_clip(cache_dir)
+    elif model == TINY_NAME:  # another tiny checkpoint: Ray actors need the config dir too
+        config_dir = ensure_tiny_clip(cache_dir)[0]
     return ClipSpec(model, pretrained, config_dir, precision, _device())
 
 

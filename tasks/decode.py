@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tasks.storage import StorageConfig, filesystem
+
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
 
@@ -27,16 +29,16 @@ class Rejected(Exception):
         self.stage, self.error = stage, error
 
 
-def read_bytes(uri: str) -> bytes:
-    """Local paths by ``open``; URIs through pyarrow's filesystems (s3://, gs://, …)."""
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    """Local paths by ``open``; URIs through pyarrow's filesystems (s3://, gs://, …).
+
+    ``storage`` says how to reach s3:// (endpoint, region); None = the ``MMRAG_S3_*`` env."""
     try:
         if "://" not in uri:
             with open(uri, "rb") as f:
                 return f.read()
-        from pyarrow import fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-        with filesystem.open_input_stream(path) as f:
+        fs_, path = filesystem(uri, storage)
+        with fs_.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError as e:
         raise Rejected("missing", f"file disappeared before it could be read ({e.strerror})") from e
@@ -115,10 +117,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict:
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+                 storage: StorageConfig | None = None) -> dict:
     """Ray Data ``map_batches`` function: adds image_id, width, height, pixels, stage, error.
 
     "" (not None) marks "no value": Ray turns an all-None object column into float NaN.
+    ``storage`` travels with the task because Ray workers may not share the driver's env.
     """
     n = len(batch["source_uri"])
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -127,7 +131,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> di
     width, height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     for i, uri in enumerate(batch["source_uri"]):
         try:
-            data = read_bytes(str(uri))
+            data = read_bytes(str(uri), storage)
             image_id[i] = sha256(data)
             pixels[i], width[i], height[i] = decode(data, size, max_pixels)
         except Rejected as r:

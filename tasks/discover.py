@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 from pyarrow import fs as pafs
 
+from tasks.storage import StorageConfig, filesystem, is_local
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LISTING_SCHEMA = pa.schema(
     [
@@ -29,10 +31,12 @@ class SourceError(Exception):
     """A fatal problem with SOURCE itself (missing, not a folder, unreachable)."""
 
 
-def open_source(source: str) -> tuple[pafs.FileSystem, str, bool]:
-    """(filesystem, root path inside it, is_local); raises SourceError with a one-line reason."""
-    is_local = "://" not in source or source.startswith("file://")
-    if is_local:
+def open_source(source: str, storage: StorageConfig | None = None,
+                ) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path inside it, is_local); raises SourceError with a one-line reason.
+
+    ``storage`` None = endpoint/region from the ``MMRAG_S3_*`` environment."""
+    if is_local(source):
         root = os.path.realpath(source.removeprefix("file://"))
         if not os.path.exists(root):
             raise SourceError(f"SOURCE does not exist: {source}")
@@ -40,20 +44,21 @@ def open_source(source: str) -> tuple[pafs.FileSystem, str, bool]:
             raise SourceError(f"SOURCE is not a folder: {source}")
         return pafs.LocalFileSystem(), root, True
     try:
-        filesystem, root = pafs.FileSystem.from_uri(source)
-        info = filesystem.get_file_info(root)
+        fs_, root = filesystem(source, storage)
+        root = root.rstrip("/")
+        info = fs_.get_file_info(root)
     except Exception as e:  # noqa: BLE001 - any backend error is a one-line fatal error
         raise SourceError(f"cannot open SOURCE {source}: {e}") from e
     if info.type != pafs.FileType.Directory:
         raise SourceError(f"SOURCE is not a folder/prefix: {source}")
-    return filesystem, root.rstrip("/"), False
+    return fs_, root, False
 
 
-def list_dump(source: str) -> pa.Table:
+def list_dump(source: str, storage: StorageConfig | None = None) -> pa.Table:
     """One row per image file (by suffix, any case); ``escape`` set for files outside the dump."""
-    filesystem, root, is_local = open_source(source)
-    scheme = "" if is_local else source.split("://", 1)[0] + "://"
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    fs_, root, local = open_source(source, storage)
+    scheme = "" if local else source.split("://", 1)[0] + "://"
+    infos = fs_.get_file_info(pafs.FileSelector(root, recursive=True))
     rows = {name: [] for name in LISTING_SCHEMA.names}
     for info in infos:
         if info.type != pafs.FileType.File or not info.base_name.lower().endswith(IMAGE_SUFFIXES):
@@ -64,7 +69,7 @@ def list_dump(source: str) -> pa.Table:
         rows["file_name"].append(info.base_name)
         rows["size"].append(info.size)
         rows["mtime"].append(info.mtime.timestamp() if info.mtime else 0.0)
-        rows["escape"].append(_escape_reason(info.path, root) if is_local else None)
+        rows["escape"].append(_escape_reason(info.path, root) if local else None)
     return pa.table(rows, schema=LISTING_SCHEMA)
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from tasks.clip_model import ClipSpec, load_clip
 from tasks.decode import decode_batch
+from tasks.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ class ClipEmbedder:
 
 def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
                 batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
-                decode_cpus: float, out_rows: int) -> Iterator[pa.Table]:
-    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector."""
+                decode_cpus: float, out_rows: int, threads: int | None = None,
+                storage: StorageConfig | None = None) -> Iterator[pa.Table]:
+    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector.
+
+    ``storage`` (endpoint, region, driver credentials) is shipped to the decode tasks."""
     import ray
 
     if todo.num_rows == 0:
@@ -77,11 +81,12 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
     blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
     gpus = 1 if spec.device == "cuda" else 0
     ds = ray.data.from_arrow(blocks).map_batches(
-        partial(decode_batch, size=image_size, max_pixels=max_pixels),
+        partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage),
         batch_size=decode_batch_size, batch_format="numpy", num_cpus=decode_cpus,
     )
     ds = ds.map_batches(
-        ClipEmbedder, fn_constructor_kwargs={"spec": spec, "threads": _threads(actor_cpus)},
+        ClipEmbedder, fn_constructor_kwargs={"spec": spec,
+                                             "threads": threads or _threads(actor_cpus)},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
         batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus,
     )

@@ -25,6 +25,7 @@ from tasks.clip_model import ClipSpec
 from tasks.discover import list_dump, open_source
 from tasks.metadata import load_metadata
 from tasks.plan import plan_ingest
+from tasks.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,16 @@ class IngestCounts:
 
 
 def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
-            plan_path: Path, suffix: str | None = None) -> IngestCounts:
-    """List SOURCE, parse metadata, anti-join the ledger; write the plan; record path rejects."""
-    filesystem, root, is_local = open_source(source)
+            plan_path: Path, suffix: str | None = None,
+            storage: StorageConfig | None = None) -> IngestCounts:
+    """List SOURCE, parse metadata, anti-join the ledger; write the plan; record path rejects.
+
+    ``storage`` reaches s3:// dumps and databases (None = the ``MMRAG_S3_*`` environment)."""
+    filesystem, root, is_local = open_source(source, storage)
     uri_root = root if is_local else source.split("://", 1)[0] + "://" + root
-    listing = list_dump(source)
+    listing = list_dump(source, storage)
     meta = load_metadata(filesystem, root, "" if is_local else source.split("://", 1)[0] + "://")
-    tables = store.open_tables(db_uri, dim, spec.label, suffix)
+    tables = store.open_tables(db_uri, dim, spec.label, suffix, storage)
     with store.writer_lock(db_uri, tables.images.name):
         plan = _plan_and_record(tables, listing, meta, uri_root, run_id)
     todo = plan.todo.filter(pl.col("escape").is_null())
@@ -162,10 +166,10 @@ def _file_rows(frame: pl.DataFrame, id_col: str | None, status: str | None,
     return rows.select(files_schema().names).to_arrow().cast(files_schema())
 
 
-def finish(tables: store.Tables, old_ids: list[str]) -> tuple[int, list[str]]:
+def finish(tables: store.Tables, old_ids: list[str], refresh: bool = True) -> tuple[int, list[str]]:
     """After all chunks: drop images orphaned by changed files, refresh indexes."""
     removed = store.delete_orphans(tables, old_ids)
-    return removed, store.refresh_indexes(tables)
+    return removed, store.refresh_indexes(tables) if refresh else []
 
 
 def elapsed(start: float) -> float:
@@ -173,16 +177,22 @@ def elapsed(start: float) -> float:
 
 
 def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dict,
-            progress=None, suffix: str | None = None) -> IngestCounts:
-    """Stream the plan through Ray; commit chunk by chunk; ``progress(n_done)`` after each."""
+            progress=None, suffix: str | None = None, refresh: bool = True,
+            storage: StorageConfig | None = None) -> IngestCounts:
+    """Stream the plan through Ray; commit chunk by chunk; ``progress(n_done)`` after each.
+
+    ``refresh=False`` leaves the index rebuild to the caller (a backfill does it per chunk of
+    dumps, not per dump)."""
     from tasks.clip_model import model_shape
     from tasks.embed import embed_files
 
     dim, size = model_shape(spec)
-    tables = store.open_tables(db_uri, dim, spec.label, suffix)
+    storage = StorageConfig.from_env() if storage is None else storage  # the driver's, for Ray
+    tables = store.open_tables(db_uri, dim, spec.label, suffix, storage)
     todo = pl.read_parquet(plan_path)
     start, counts = time.perf_counter(), Counter()
-    stream = embed_files(todo.drop("escape").to_arrow(), spec, image_size=size, **opts)
+    stream = embed_files(todo.drop("escape").to_arrow(), spec, image_size=size,
+                         storage=storage, **opts)
     for chunk in stream:
         with store.writer_lock(db_uri, tables.images.name):
             counts += commit_chunk(tables, chunk, spec.label, run_id)
@@ -190,7 +200,7 @@ def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dic
             progress(chunk.num_rows)
     old = todo["old_image_id"].drop_nulls().to_list()
     with store.writer_lock(db_uri, tables.images.name):
-        removed, built = finish(tables, old)
+        removed, built = finish(tables, old, refresh)
     log.info("indexes refreshed: %s", ", ".join(built) or "none")
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     return IngestCounts(todo=todo.height, ingested=counts["ingested"],

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from schemas.tables import SCORE_COLUMNS
 from tasks.decode import _oriented_size, _to_rgb, read_bytes
+from tasks.storage import StorageConfig
 
 MAX_GRID = 4
 DEFAULT_QUESTION = "Describe what these street scenes have in common and how they differ."
@@ -159,14 +160,15 @@ def build_prompt(question: str | None, hits: list[dict], *, has_query_image: boo
     return "\n".join(p for p in parts if p)
 
 
-def load_thumbnail(uri: str, size: int, max_pixels: int = 64_000_000) -> Image.Image | None:
+def load_thumbnail(uri: str, size: int, max_pixels: int = 64_000_000,
+                   storage: StorageConfig | None = None) -> Image.Image | None:
     """An RGB image fitting in ``size``×``size`` (aspect kept), or None on any failure.
 
     A missing photo must only grey out its tile, never fail the query, hence no exceptions.
     Same guards as ingest: pixel limit checked before decoding, PIL's bomb warning as error.
     """
     try:
-        data = read_bytes(uri)
+        data = read_bytes(uri, storage)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))

@@ -21,16 +21,18 @@ from tasks.clip_model import ClipSpec, load_clip, model_shape
 from tasks.generate import Engine, GenRequest
 from tasks.prompts import MAX_GRID, build_grid, build_prompt, load_thumbnail, parse_citations
 from tasks.retrieve import embed_queries, pin_images, search_all
+from tasks.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 GRID_SIZE = 336
 
 
 def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_pixels: int,
-             search_opts: dict | None = None, suffix: str | None = None) -> dict:
+             search_opts: dict | None = None, suffix: str | None = None,
+             storage: StorageConfig | None = None) -> dict:
     """Embed and search every good query at one pinned version; write hits next to the plan."""
     plan = pl.read_parquet(plan_path)
-    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label, suffix=suffix)
+    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label, suffix=suffix, storage=storage)
     clip = load_clip(spec)
     start = time.perf_counter()
     vectors, errors = embed_queries(plan, clip, max_pixels)
@@ -55,14 +57,17 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
             "retrieve_errors": len(errors), "table_version": pinned.version}
 
 
-def _request(row: dict, max_pixels: int) -> tuple[GenRequest, list[str]]:
-    """Prompt text plus one grid image (query photo first, then the best hits)."""
+def _request(row: dict, max_pixels: int,
+             storage: StorageConfig | None = None) -> tuple[GenRequest, list[str]]:
+    """Prompt text plus one grid image (query photo first, then the best hits).
+
+    The query image is a local file; hits may live on object storage (``storage``)."""
     hits = row["retrieved"] or []
     query_img = load_thumbnail(row["image_path"], GRID_SIZE, max_pixels) \
         if row["image_path"] else None
     shown = hits[: MAX_GRID - (1 if query_img else 0)]
     images = ([query_img] if query_img else []) + [
-        load_thumbnail(h["source_uri"], GRID_SIZE, max_pixels) for h in shown]
+        load_thumbnail(h["source_uri"], GRID_SIZE, max_pixels, storage) for h in shown]
     labels = (["Q"] if query_img else []) + [str(h["rank"]) for h in shown]
     prompt = build_prompt(row["text"], hits, has_query_image=query_img is not None)
     grid = build_grid(images, labels, GRID_SIZE) if images else None
@@ -70,7 +75,8 @@ def _request(row: dict, max_pixels: int) -> tuple[GenRequest, list[str]]:
 
 
 def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: str,
-            run_id: str, max_pixels: int, batch_size: int = 8, progress=None) -> list[dict]:
+            run_id: str, max_pixels: int, batch_size: int = 8, progress=None,
+            storage: StorageConfig | None = None) -> list[dict]:
     """One answer row per query, generated in batches; rows with errors skip the engine."""
     rows = pl.read_parquet(retrieved_path).to_dicts()
     out = [_answer_row(r, run_id, engine_name, vlm_model) for r in rows]
@@ -78,7 +84,7 @@ def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: s
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         began = time.perf_counter()
-        built = [_request(rows[i], max_pixels) for i in idx]
+        built = [_request(rows[i], max_pixels, storage) for i in idx]
         results = engine.generate([b[0] for b in built])
         ms = (time.perf_counter() - began) * 1000 / len(idx)
         for i, (req, shown), res in zip(idx, built, results, strict=True):

@@ -20,6 +20,7 @@ from schemas.tables import SCORE_COLUMNS, table_names, table_suffix
 from tasks import store
 from tasks.clip_model import Clip
 from tasks.decode import Rejected, decode, read_bytes
+from tasks.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ class Pinned:
 
 
 def pin_images(db_uri: str, dim: int, clip_label: str, version: int | None = None,
-               suffix: str | None = None) -> Pinned:
+               suffix: str | None = None, storage: StorageConfig | None = None) -> Pinned:
     """Open the model's ``images`` table, refuse another model's vectors, check out a version."""
-    db = store.connect(db_uri)
+    db = store.connect(db_uri, storage)
     name = table_names(table_suffix(clip_label) if suffix is None else suffix)[0]
     try:
         table = db.open_table(name)

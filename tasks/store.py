@@ -28,6 +28,7 @@ from schemas.tables import (
     table_names,
     table_suffix,
 )
+from tasks.storage import StorageConfig, storage_options
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -63,18 +64,20 @@ def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None
         yield
 
 
-def connect(uri: str) -> lancedb.DBConnection:
+def connect(uri: str, storage: StorageConfig | None = None) -> lancedb.DBConnection:
+    """``storage`` None = endpoint/region from the ``MMRAG_S3_*`` environment."""
     try:
-        return lancedb.connect(uri)
+        return lancedb.connect(uri, storage_options=storage_options(uri, storage))
     except Exception as e:  # noqa: BLE001 - surfaced as a one-line fatal error
         raise StoreError(f"cannot open LanceDB at {uri}: {e}") from e
 
 
-def open_tables(uri: str, dim: int, clip_label: str, suffix: str | None = None) -> Tables:
+def open_tables(uri: str, dim: int, clip_label: str, suffix: str | None = None,
+                storage: StorageConfig | None = None) -> Tables:
     """Create missing tables; refuse an ``images`` table made by another CLIP model.
 
     ``suffix`` None = the model's own table set (``table_suffix``)."""
-    db = connect(uri)
+    db = connect(uri, storage)
     names = table_names(table_suffix(clip_label) if suffix is None else suffix)
     try:
         images = _open_or_create(db, names[0], images_schema(dim))

@@ -133,8 +133,16 @@ def test_bad_run_date_is_rejected(tmp_path, run_date):
         write_answers([_row()], str(tmp_path), run_date, "run-1")
 
 
-def test_unknown_keys_and_object_storage_are_rejected(tmp_path):
+def test_unknown_keys_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="answr"):
         write_answers([{"answr": "typo"}], str(tmp_path), DATE, "run-1")
-    with pytest.raises(NotImplementedError):
-        write_answers([_row()], "s3://bucket/out", DATE, "run-1")
+
+
+def test_object_storage_paths():
+    """s3:// roots keep their scheme (written through pyarrow; tests/test_s3.py round-trips)."""
+    want = f"s3://bkt/out/answers/run_date={DATE}/r1.parquet"
+    assert answers_path("s3://bkt/out/", DATE, "r1") == want
+    with pytest.raises(ValueError, match="bucket"):
+        answers_path("s3://", DATE, "r1")
+    with pytest.raises(ValueError, match="run_id"):
+        answers_path("s3://bkt/out", DATE, "../r1")

@@ -1,0 +1,153 @@
+"""Operations commands: ``mmrag serve`` (schedules without a work pool) and ``mmrag status``.
+
+Registered on the main CLI by ``register(cli_module)``; the module is passed in (not imported)
+so that ``python -m mmrag.cli`` registers on the ``__main__`` app and reads its global options.
+"""
+
+from __future__ import annotations
+
+import json
+from types import ModuleType
+from typing import Annotated
+
+import typer
+
+_cli: ModuleType | None = None
+
+
+def register(cli: ModuleType) -> None:
+    """Add ``serve`` and ``status`` to ``cli.app``; keep ``cli`` for its settings and errors."""
+    global _cli
+    _cli = cli
+    cli.app.command("serve")(serve)
+    cli.app.command("status")(status)
+
+
+def serve(
+    source: Annotated[str | None, typer.Option(
+        "--source", envvar="MMRAG_DUMP_ROOT", help="dump root to ingest [MMRAG_DUMP_ROOT]")] = None,
+    queries: Annotated[str | None, typer.Option(
+        "--queries", envvar="MMRAG_QUERIES", help="queries file to answer [MMRAG_QUERIES]")] = None,
+    interval: Annotated[int, typer.Option(min=60, help="seconds between ingests")] = 3600,
+    cron: Annotated[str, typer.Option(help="when to answer the queries (cron, UTC)")]
+    = "0 6 * * *",
+) -> None:
+    """Run ingest every INTERVAL and the queries on CRON (and after each ingest) until stopped.
+
+    Needs a Prefect server: `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api.
+    Flow runs execute in subprocesses of this command, with its environment (MMRAG_*).
+    """
+    _require_api_url()
+    if not source and not queries:
+        _cli._fatal("nothing to serve: give --source (ingest) and/or --queries (query)")
+    _cli._settings()  # refuse invalid MMRAG_* / global options now, not in the first run
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*_deployments(source, queries, interval, cron))
+
+
+def _require_api_url() -> None:
+    """Schedules and triggers need a real server; the ephemeral one cannot run them."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        _cli._fatal("mmrag serve needs a Prefect server: run `prefect server start` and set "
+                    "PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def _deployments(source: str | None, queries: str | None, interval: int, cron: str) -> list:
+    """Same names, parameters and trigger as deployments/prefect.yaml."""
+    from deployments.triggers import ingest_completed
+
+    settings = {"settings": dict(_cli._overrides)} if _cli._overrides else {}
+    out = []
+    if source:
+        from flows.ingest import ingest_flow
+
+        out.append(ingest_flow.to_deployment(
+            name="ingest", interval=interval, parameters={"source": source} | settings,
+            tags=["mmrag"], description="mmrag serve: incremental ingest"))
+    if queries:
+        from flows.query import query_flow
+
+        out.append(query_flow.to_deployment(
+            name="query", cron=cron, parameters={"queries": queries} | settings,
+            triggers=[ingest_completed()], tags=["mmrag"],
+            description="mmrag serve: answer the queries (also after each ingest)"))
+    return out
+
+
+def status(
+    out: Annotated[str | None, typer.Option(help="answers root [MMRAG_OUT]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    runs: Annotated[int, typer.Option(min=1, help="how many recent runs to list")] = 10,
+) -> None:
+    """Tables, row counts, versions, indexes, rejects, recent runs and answer partitions."""
+    from mmrag.status import answers_status, db_status
+
+    settings = _cli._settings()
+    try:
+        report = {"db": db_status(settings.db, runs),
+                  "answers": answers_status(out or settings.out)}
+    except Exception as e:  # noqa: BLE001 - unreachable store, bad URI: one line, exit 2
+        _cli._fatal(f"cannot read status: {e}")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _render(report)
+
+
+def _render(report: dict) -> None:
+    from rich.console import Console
+
+    console = Console(width=None if Console().is_terminal else 140, highlight=False)
+    db = report["db"]
+    if not db["exists"]:
+        console.print(f"no database at {db['uri']} yet: run `mmrag ingest SOURCE` first")
+    elif not db["tables"]:
+        console.print(f"database {db['uri']} has no tables yet: run `mmrag ingest SOURCE` first")
+    else:
+        console.print(f"database {db['uri']}")
+        for table in _tables(db):
+            console.print(table)
+    answers = report["answers"]
+    if answers["partitions"]:
+        console.print(_grid(f"answers under {answers['out']}",
+                            ["run_date", "files", "rows", "runs"],
+                            [[p["run_date"], p["files"], p["rows"], ", ".join(p["runs"])]
+                             for p in answers["partitions"]]))
+    else:
+        console.print(f"no answers under {answers['out']} yet")
+
+
+def _tables(db: dict) -> list:
+    tables = [_grid("tables", ["table", "rows", "version", "indices"],
+                    [[t["name"], t.get("rows", t.get("error")), t.get("version", ""),
+                      ", ".join(f"{i['name']} ({i['type']})" for i in t["indices"])]
+                     for t in db["tables"]])]
+    indices = [[t["name"], i["name"], i["type"], ",".join(i["columns"]), i["indexed_rows"],
+                i["unindexed_rows"]] for t in db["tables"] for i in t["indices"]]
+    if indices:
+        tables.append(_grid("indices", ["table", "index", "type", "columns", "indexed",
+                                        "unindexed"], indices))
+    if db["rejects"]:
+        tables.append(_grid("rejects by stage", ["table", "stage", "rows"],
+                            [[r["table"], r["stage"], r["rows"]] for r in db["rejects"]]))
+    if db["runs"]:
+        tables.append(_grid("last runs", ["run_id", "table set", "images", "files", "rejects",
+                                          "last write (UTC)"],
+                            [[r["run_id"], r["table_set"] or "-", r["images"], r["files"],
+                              r["rejects"], r["last_at"] or "-"] for r in db["runs"]]))
+    return tables
+
+
+def _grid(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="right" if c in {"rows", "files", "version", "images",
+                                                     "rejects", "indexed", "unindexed"} else "left")
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    return table
