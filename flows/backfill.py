@@ -10,16 +10,28 @@ it stopped.  Another CLIP model is just another backfill: its vectors go to its 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.ingest import _call, _in_flow_run, _logger, _run_id, ingest_source
+from flows.ingest import (
+    _call,
+    _in_flow_run,
+    _logger,
+    _run_id,
+    merge_counts,
+    pipeline_opts,
+    plan_source,
+)
+from mmrag.progress import progress
 from mmrag.settings import Settings
 from schemas.tables import table_names, table_suffix
-from tasks import backfill, store
+from tasks import backfill, ingest_many, store
 from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
+from tasks.embed import init_ray
+from tasks.storage import StorageConfig
 
 _TOTALS = ("seen", "ingested", "duplicates", "rejected")
 
@@ -42,35 +54,55 @@ def select_dumps(settings: Settings, roots: list[str] | None = None, root: str |
     return backfill.resolve_dumps(roots, root, start, end)
 
 
-def run_dump(dump: str, index: int, settings: Settings, backfill_id: str, run_id: str) -> dict:
-    """Ingest one dump and record the outcome; a failed dump is recorded, not fatal (a
-    re-run retries it), but a database problem stops the backfill."""
-    base = {"backfill_id": backfill_id, "dump": dump, "clip_model": _label(settings)}
-    backfill.record(settings.db, base | {"status": "running"})
-    start = time.perf_counter()
+def plan_dump(dump: str, n: int, settings: Settings, run_id: str,
+              rec: backfill.Recorder) -> dict | None:
+    """Plan one dump (lists it, reads no image bytes); a dump that cannot be planned is
+    recorded as failed (a re-run retries it), but a database problem stops the backfill."""
+    rec.start(dump)
     try:
-        counts = ingest_source(dump, settings, run_id, f"plan-{index:05d}.parquet",
-                               refresh=False)
+        plan_path, planned = plan_source(dump, settings, run_id, f"plan-{n:05d}.parquet")
     except store.StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - recorded as failed; the next run retries the dump
         _logger().error("dump %s failed: %s", dump, e)
-        row = base | {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-    else:
-        row = base | {"status": "done", "seen": counts["seen"],
-                      "ingested": counts.get("ingested", 0),
-                      "duplicates": counts.get("duplicates", 0),
-                      "rejected": sum(counts["rejected"].values())}
-    row["seconds"] = round(time.perf_counter() - start, 3)
-    backfill.record(settings.db, row)
-    return row
+        rec.failed(dump, e)
+        return None
+    if not planned["todo"]:
+        rec.done(dump, planned)
+        return None
+    return {"path": Path(plan_path), "planned": planned}
+
+
+def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
+                rec: backfill.Recorder) -> None:
+    """The chunk's plans through one Ray Data pipeline; each dump recorded when it is done."""
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
+    total = sum(p["planned"]["todo"] for p in plans.values())
+
+    def finished(dump: str, done: dict) -> None:
+        rec.done(dump, merge_counts(plans[dump]["planned"], done))
+
+    try:
+        with progress(total, "backfill chunk", _logger()) as advance:
+            ingest_many.process_plans({d: p["path"] for d, p in plans.items()}, settings.db,
+                                      spec, run_id, pipeline_opts(settings), finished,
+                                      settings.table_suffix,
+                                      StorageConfig.from_settings(settings), advance)
+    except store.StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the unfinished dumps are failed; a re-run resumes
+        _logger().error("chunk pipeline failed: %s", e)
+        for dump in plans:
+            if dump not in rec.rows:
+                rec.failed(dump, e)
 
 
 def refresh_indexes(settings: Settings) -> list[str]:
     """Indexes are rebuilt once per chunk rather than once per dump."""
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     tables = store.open_tables(settings.db, model_shape(spec)[0], spec.label,
-                               settings.table_suffix)
+                               settings.table_suffix, StorageConfig.from_settings(settings))
     with store.writer_lock(settings.db, tables.images.name):
         return store.refresh_indexes(tables)
 
@@ -78,11 +110,17 @@ def refresh_indexes(settings: Settings) -> list[str]:
 @task(name="backfill-chunk", task_run_name="chunk-{index}", cache_policy=NO_CACHE)
 def chunk_task(dumps: list[str], index: int, first: int, settings: Settings, backfill_id: str,
                run_id: str) -> list[dict]:
-    """The dumps of one chunk, sequentially, in this process (one Ray for all of them)."""
-    rows = [run_dump(d, first + i, settings, backfill_id, run_id) for i, d in enumerate(dumps)]
+    """Plan the chunk's dumps one by one, then embed them all in one pipeline (one Ray and
+    one CLIP actor pool for the chunk)."""
+    rec = backfill.Recorder(settings.db, backfill_id, _label(settings))
+    plans = {d: p for i, d in enumerate(dumps)
+             if (p := plan_dump(d, first + i, settings, run_id, rec)) is not None}
+    if plans:
+        embed_plans(plans, settings, run_id, rec)
+    rows = [rec.rows[d] for d in dumps if d in rec.rows]
     if any(r["ingested"] or r["duplicates"] for r in rows):
         built = refresh_indexes(settings)
-        _logger().info("chunk %d: indexes refreshed: %s", index, ", ".join(built) or "none")
+        _logger().info("chunk %d: indexes: %s", index, ", ".join(built) or "unchanged")
     return rows
 
 

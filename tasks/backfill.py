@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import time
 from datetime import UTC, date, datetime
 
 import polars as pl
@@ -187,3 +188,32 @@ def record(db_uri: str, row: dict) -> None:
         progress = db.create_table(BACKFILLS_TABLE, schema=backfills_schema(), exist_ok=True)
         (progress.merge_insert(["backfill_id", "dump"]).when_matched_update_all()
          .when_not_matched_insert_all().execute(table))
+
+
+class Recorder:
+    """Writes one backfill's ``backfills`` rows and keeps them for the run's summary."""
+
+    def __init__(self, db_uri: str, backfill_id: str, clip_label: str):
+        self.db_uri, self.base = db_uri, {"backfill_id": backfill_id, "clip_model": clip_label}
+        self.started: dict[str, float] = {}
+        self.rows: dict[str, dict] = {}
+
+    def start(self, dump: str) -> None:
+        self.started[dump] = time.perf_counter()
+        record(self.db_uri, self.base | {"dump": dump, "status": "running"})
+
+    def done(self, dump: str, counts: dict) -> None:
+        self._finish(dump, {"status": "done", "seen": counts["seen"],
+                            "ingested": counts.get("ingested", 0),
+                            "duplicates": counts.get("duplicates", 0),
+                            "rejected": sum(counts["rejected"].values())})
+
+    def failed(self, dump: str, error: BaseException) -> None:
+        self._finish(dump, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]})
+
+    def _finish(self, dump: str, fields: dict) -> None:
+        seconds = round(time.perf_counter() - self.started.get(dump, time.perf_counter()), 3)
+        row = self.base | {"dump": dump, "seen": 0, "ingested": 0, "duplicates": 0,
+                           "rejected": 0, "error": None} | fields | {"seconds": seconds}
+        record(self.db_uri, row)
+        self.rows[dump] = row

@@ -253,7 +253,10 @@ def _worker(env: dict, log: Path):
 def test_deploy_run_ingest_then_trigger_fires_query(prefect_server, deploy_env, tmp_path):
     t0 = time.monotonic()
     _cli(prefect_server, ["work-pool", "create", "mmrag", "--type", "process"], deploy_env)
-    _cli(prefect_server, ["deploy", "--all", "--prefect-file", str(YAML)], deploy_env)
+    # MMRAG_REPO unset while deploying: the pull step keeps the placeholder and the worker
+    # fills it in when a run starts (set while deploying, it would be recorded instead)
+    deploy_only = {k: v for k, v in deploy_env.items() if k != "MMRAG_REPO"}
+    _cli(prefect_server, ["deploy", "--all", "--prefect-file", str(YAML)], deploy_only)
     t_deploy = time.monotonic() - t0
     deps = {d["name"]: d for d in _api(prefect_server, "POST", "/deployments/filter", json={})}
     assert set(deps) == {"ingest", "query", "backfill"}
