@@ -1,10 +1,11 @@
 """The backfill flow: many dumps, one flow run, a bounded number of chunk tasks.
 
-Each chunk is one Prefect task that runs the ingest core (``flows.ingest.ingest_source``) for
-its dumps one after the other in the same process, so Ray starts once and every dump reuses
-it.  After each dump a ``backfills`` row says how it went; re-running the same backfill id
-skips the dumps already ``done``, and the ``files`` ledger makes a half-done dump resume where
-it stopped.  Another CLIP model is just another backfill: its vectors go to its own tables.
+Each chunk is one Prefect task: it plans its dumps one by one with the ingest flow's own
+``plan_source`` (listing + ledger anti-join), then streams all their plans through one Ray
+Data pipeline (``tasks.ingest_many``): Ray starts once per run, the CLIP actor pool once per
+chunk.  When a dump's last file is committed a ``backfills`` row says so; re-running the same
+backfill id skips the dumps already ``done``, and the ``files`` ledger makes a half-done dump
+resume where it stopped.  Another CLIP model is just another backfill into its own tables.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from tasks.storage import StorageConfig
 _TOTALS = ("seen", "ingested", "duplicates", "rejected")
 
 
+def _storage(settings: Settings) -> StorageConfig:
+    return StorageConfig.from_settings(settings)
+
+
 def _label(settings: Settings) -> str:
     return resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision).label
 
@@ -49,9 +54,9 @@ def select_dumps(settings: Settings, roots: list[str] | None = None, root: str |
         if roots or root or start or end:
             raise backfill.BackfillError("--from-ledger takes its dumps from the ledger: "
                                          "give no dump folders, --root, --start or --end")
-        dumps = backfill.ledger_roots(settings.db, "")
-        return backfill.resolve_dumps(dumps, None, None, None)
-    return backfill.resolve_dumps(roots, root, start, end)
+        dumps = backfill.ledger_roots(settings.db, "", _storage(settings))
+        return backfill.resolve_dumps(dumps, None, None, None, _storage(settings))
+    return backfill.resolve_dumps(roots, root, start, end, _storage(settings))
 
 
 def plan_dump(dump: str, n: int, settings: Settings, run_id: str,
@@ -87,8 +92,7 @@ def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
         with progress(total, "backfill chunk", _logger()) as advance:
             ingest_many.process_plans({d: p["path"] for d, p in plans.items()}, settings.db,
                                       spec, run_id, pipeline_opts(settings), finished,
-                                      settings.table_suffix,
-                                      StorageConfig.from_settings(settings), advance)
+                                      settings.table_suffix, _storage(settings), advance)
     except store.StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - the unfinished dumps are failed; a re-run resumes
@@ -102,7 +106,7 @@ def refresh_indexes(settings: Settings) -> list[str]:
     """Indexes are rebuilt once per chunk rather than once per dump."""
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     tables = store.open_tables(settings.db, model_shape(spec)[0], spec.label,
-                               settings.table_suffix, StorageConfig.from_settings(settings))
+                               settings.table_suffix, _storage(settings))
     with store.writer_lock(settings.db, tables.images.name):
         return store.refresh_indexes(tables)
 
@@ -112,7 +116,7 @@ def chunk_task(dumps: list[str], index: int, first: int, settings: Settings, bac
                run_id: str) -> list[dict]:
     """Plan the chunk's dumps one by one, then embed them all in one pipeline (one Ray and
     one CLIP actor pool for the chunk)."""
-    rec = backfill.Recorder(settings.db, backfill_id, _label(settings))
+    rec = backfill.Recorder(settings.db, backfill_id, _label(settings), _storage(settings))
     plans = {d: p for i, d in enumerate(dumps)
              if (p := plan_dump(d, first + i, settings, run_id, rec)) is not None}
     if plans:
@@ -144,7 +148,7 @@ def backfill_flow(roots: list[str] | None = None, root: str | None = None,
     dumps = select_dumps(settings, roots, root, start, end, from_ledger)
     label = _label(settings)
     backfill_id = backfill_id or backfill.default_backfill_id(dumps, label)
-    done = backfill.done_dumps(settings.db, backfill_id)
+    done = backfill.done_dumps(settings.db, backfill_id, _storage(settings))
     todo = [d for d in dumps if d not in done]
     chunks = backfill.chunked(todo, chunk_size)
     logger.info("backfill %s: %d dumps, %d already done, %d chunks", backfill_id, len(dumps),

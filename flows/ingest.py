@@ -80,26 +80,15 @@ def pipeline_opts(settings: Settings) -> dict:
                 out_rows=settings.commit_rows)
 
 
-def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str,
-               refresh: bool = True) -> dict:
+def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str) -> dict:
     """Run a plan through Ray (started once per process) and commit it chunk by chunk."""
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
     with progress(total, "ingest", _logger()) as advance:
         counts = ingest.process(Path(plan_path), settings.db, spec, run_id,
-                                pipeline_opts(settings), advance, settings.table_suffix, refresh,
+                                pipeline_opts(settings), advance, settings.table_suffix,
                                 storage=StorageConfig.from_settings(settings))
     return counts.as_dict()
-
-
-def ingest_source(source: str, settings: Settings, run_id: str, plan_name: str = "plan.parquet",
-                  refresh: bool = True) -> dict:
-    """The ingest core for one dump, without Prefect tasks (backfills call it per dump)."""
-    plan_path, planned = plan_source(source, settings, run_id, plan_name)
-    done = None
-    if planned["todo"]:
-        done = embed_plan(plan_path, planned["todo"], settings, run_id, refresh)
-    return merge_counts(planned, done)
 
 
 def merge_counts(planned: dict, done: dict | None) -> dict:

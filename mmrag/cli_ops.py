@@ -43,7 +43,9 @@ def serve(
     _cli._settings()  # refuse invalid MMRAG_* / global options now, not in the first run
     from prefect import serve as prefect_serve
 
-    prefect_serve(*_deployments(source, queries, interval, cron))
+    deployments = _deployments(source, queries, interval, cron)
+    _refuse_pool_deployments([d.full_name for d in deployments])
+    prefect_serve(*deployments)
 
 
 def _require_api_url() -> None:
@@ -53,6 +55,28 @@ def _require_api_url() -> None:
     if not get_current_settings().api.url:
         _cli._fatal("mmrag serve needs a Prefect server: run `prefect server start` and set "
                     "PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def _refuse_pool_deployments(names: list[str]) -> None:
+    """A served deployment cannot take over a work-pool one of the same name (measured: its
+    runs then crash loading the flow code), so refuse; also fail fast on an unreachable server."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            for name in names:
+                try:
+                    pool = client.read_deployment_by_name(name).work_pool_name
+                except ObjectNotFound:
+                    continue
+                if pool:
+                    _cli._fatal(f"deployment {name} runs on work pool '{pool}' (prefect.yaml): "
+                                f"start a worker for it, or `prefect deployment delete {name}`")
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - connection refused, bad URL: one line
+        _cli._fatal(f"cannot reach the Prefect server: {e}")
 
 
 def _deployments(source: str | None, queries: str | None, interval: int, cron: str) -> list:
@@ -84,11 +108,13 @@ def status(
 ) -> None:
     """Tables, row counts, versions, indexes, rejects, recent runs and answer partitions."""
     from mmrag.status import answers_status, db_status
+    from tasks.storage import StorageConfig
 
     settings = _cli._settings()
     try:
-        report = {"db": db_status(settings.db, runs),
-                  "answers": answers_status(out or settings.out)}
+        storage = StorageConfig.from_settings(settings)
+        report = {"db": db_status(settings.db, runs, storage),
+                  "answers": answers_status(out or settings.out, storage)}
     except Exception as e:  # noqa: BLE001 - unreachable store, bad URI: one line, exit 2
         _cli._fatal(f"cannot read status: {e}")
     if as_json:

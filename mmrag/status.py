@@ -19,14 +19,16 @@ _TIME = {"images": "ingested_at", "rejects": "at"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def db_status(uri: str, last_runs: int = 10) -> dict:
-    """Tables, rows, versions, indexes, rejects by stage and the latest runs of ``uri``."""
-    local = uri.removeprefix("file://")
-    if "://" not in local and not Path(local).exists():
-        return {"uri": uri, "exists": False, "tables": [], "rejects": [], "runs": []}
-    import lancedb
+def db_status(uri: str, last_runs: int = 10, storage=None) -> dict:
+    """Tables, rows, versions, indexes, rejects by stage and the latest runs of ``uri``.
 
-    db = lancedb.connect(uri)
+    ``storage``: a ``tasks.storage.StorageConfig`` for S3-compatible stores (None = env)."""
+    from tasks import store
+    from tasks.storage import is_local
+
+    if is_local(uri) and not Path(uri.removeprefix("file://")).exists():
+        return {"uri": uri, "exists": False, "tables": [], "rejects": [], "runs": []}
+    db = store.connect(uri, storage)
     tables = {name: db.open_table(name) for name in _table_names(db)}
     return {
         "uri": uri, "exists": True,
@@ -102,17 +104,18 @@ def _suffix(name: str) -> str:
     return (m.group(2) or "").removeprefix("__") if m else ""
 
 
-def answers_status(out: str) -> dict:
+def answers_status(out: str, storage=None) -> dict:
     """Partitions of ``{out}/answers``: run date, files, rows (from Parquet footers only)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     from schemas.answers import ANSWERS_DIR
+    from tasks.storage import filesystem, is_local
 
-    if "://" in out:
-        fs, root = pafs.FileSystem.from_uri(out.rstrip("/") + "/" + ANSWERS_DIR)
-    else:
-        fs, root = pafs.LocalFileSystem(), str(Path(out).resolve() / ANSWERS_DIR)
+    if is_local(out):
+        out = str(Path(out.removeprefix("file://")).resolve())
+    fs, root = filesystem(out.rstrip("/") + "/" + ANSWERS_DIR, storage)
+    root = root.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     parts: dict[str, dict] = {}
     for info in sorted(infos, key=lambda i: i.path):

@@ -13,6 +13,7 @@ case-insensitively, with spaces, dashes and underscores treated alike.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from schemas.tables import SCORE_COLUMNS
 
@@ -48,5 +49,6 @@ FILE_NAME_PATTERN = re.compile(
 
 
 
+@lru_cache(maxsize=4096)
 def normalise_key(key: str) -> str:
     return re.sub(r"[\s\-_]+", "_", str(key).strip().lower())

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from schemas.tables import BACKFILLS_TABLE, FILES_TABLE, backfills_schema
 from tasks import store
 from tasks.discover import SourceError, open_source
+from tasks.storage import StorageConfig
 
 #: a backfill never becomes more than this many Prefect task runs: chunks grow instead
 MAX_CHUNKS = 64
@@ -74,9 +75,10 @@ def in_range(names: list[str], start: str | None, end: str | None) -> list[str]:
     return [n for _, n in sorted(dated)]
 
 
-def dated_dumps(root: str, start: str | None, end: str | None) -> list[str]:
+def dated_dumps(root: str, start: str | None, end: str | None,
+                storage: StorageConfig | None = None) -> list[str]:
     """The sub-folders of ROOT whose names are dates within [start, end], sorted by date."""
-    filesystem, path, is_local = _open(root)
+    filesystem, path, is_local = _open(root, storage)
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
     names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
     base = path if is_local else normalise(root)
@@ -91,42 +93,43 @@ def normalise(source: str) -> str:
 
 
 def resolve_dumps(roots: list[str] | None, root: str | None, start: str | None,
-                  end: str | None) -> list[str]:
+                  end: str | None, storage: StorageConfig | None = None) -> list[str]:
     """Explicit ROOTS (kept in the order given), or ROOT's date folders; all must exist."""
     if roots and root:
         raise BackfillError("give dump folders or --root, not both")
     if (start or end) and not root:
         raise BackfillError("--start/--end select sub-folders of --root: give --root")
     if root:
-        dumps = dated_dumps(root, start, end)
+        dumps = dated_dumps(root, start, end, storage)
         if not dumps:
             raise BackfillError(f"no dump folders named YYYY-MM-DD or YYYYMMDD under {root} "
                                 f"within [{start or '…'}, {end or '…'}]")
         return dumps
     if not roots:
         raise BackfillError("no dumps: give dump folders, --root, or --from-ledger")
-    missing = [r for r in roots if not _exists(r)]
+    missing = [r for r in roots if not _exists(r, storage)]
     if missing:
         raise BackfillError(f"dump folders not found: {', '.join(missing)}")
     return list(dict.fromkeys(normalise(r) for r in roots))
 
 
-def _open(source: str):
+def _open(source: str, storage: StorageConfig | None):
     try:
-        return open_source(source)
+        return open_source(source, storage)
     except SourceError as e:
         raise BackfillError(f"--root: {e}") from e
 
 
-def _exists(source: str) -> bool:
+def _exists(source: str, storage: StorageConfig | None) -> bool:
     try:
-        open_source(source)
+        open_source(source, storage)
     except SourceError:
         return False
     return True
 
 
-def ledger_roots(db_uri: str, suffix: str = "") -> list[str]:
+def ledger_roots(db_uri: str, suffix: str = "",
+                 storage: StorageConfig | None = None) -> list[str]:
     """Dump roots recorded in a ``files`` ledger: each file's source_uri minus its rel_path.
 
     The ledger knows every dump ever ingested (by the ingest flow or a backfill), which is
@@ -135,7 +138,7 @@ def ledger_roots(db_uri: str, suffix: str = "") -> list[str]:
     if local and not os.path.isdir(db_uri.removeprefix("file://")):
         raise BackfillError(f"no database at {db_uri}: ingest first")
     try:
-        files = store.connect(db_uri).open_table(FILES_TABLE + suffix)
+        files = store.connect(db_uri, storage).open_table(FILES_TABLE + suffix)
     except ValueError as e:
         raise BackfillError(f"no '{FILES_TABLE + suffix}' ledger in {db_uri}: ingest first") from e
     frame = files.to_polars().select("source_uri", "rel_path").collect()
@@ -163,27 +166,28 @@ def chunked(dumps: list[str], chunk_size: int, max_chunks: int = MAX_CHUNKS) -> 
     return [dumps[i:i + size] for i in range(0, len(dumps), size)]
 
 
-def progress_rows(db_uri: str, backfill_id: str | None = None) -> pl.DataFrame:
+def progress_rows(db_uri: str, backfill_id: str | None = None,
+                  storage: StorageConfig | None = None) -> pl.DataFrame:
     """The ``backfills`` table (one backfill's rows when an id is given); empty if absent."""
     try:
-        table = store.connect(db_uri).open_table(BACKFILLS_TABLE)
+        table = store.connect(db_uri, storage).open_table(BACKFILLS_TABLE)
     except ValueError:
         return pl.from_arrow(backfills_schema().empty_table())
     frame = table.to_polars().collect()
     return frame.filter(pl.col("backfill_id") == backfill_id) if backfill_id else frame
 
 
-def done_dumps(db_uri: str, backfill_id: str) -> set[str]:
-    rows = progress_rows(db_uri, backfill_id)
+def done_dumps(db_uri: str, backfill_id: str, storage: StorageConfig | None = None) -> set[str]:
+    rows = progress_rows(db_uri, backfill_id, storage)
     return set(rows.filter(pl.col("status") == "done")["dump"].to_list())
 
 
-def record(db_uri: str, row: dict) -> None:
+def record(db_uri: str, row: dict, storage: StorageConfig | None = None) -> None:
     """Upsert one (backfill_id, dump) row under the table's writer lock."""
     row = {"seen": 0, "ingested": 0, "duplicates": 0, "rejected": 0, "seconds": 0.0,
            "error": None} | row | {"finished_at": datetime.now(UTC)}
     table = pa.Table.from_pylist([row], schema=backfills_schema())
-    db = store.connect(db_uri)
+    db = store.connect(db_uri, storage)
     with store.writer_lock(db_uri, BACKFILLS_TABLE):
         progress = db.create_table(BACKFILLS_TABLE, schema=backfills_schema(), exist_ok=True)
         (progress.merge_insert(["backfill_id", "dump"]).when_matched_update_all()
@@ -193,14 +197,16 @@ def record(db_uri: str, row: dict) -> None:
 class Recorder:
     """Writes one backfill's ``backfills`` rows and keeps them for the run's summary."""
 
-    def __init__(self, db_uri: str, backfill_id: str, clip_label: str):
-        self.db_uri, self.base = db_uri, {"backfill_id": backfill_id, "clip_model": clip_label}
+    def __init__(self, db_uri: str, backfill_id: str, clip_label: str,
+                 storage: StorageConfig | None = None):
+        self.db_uri, self.storage = db_uri, storage
+        self.base = {"backfill_id": backfill_id, "clip_model": clip_label}
         self.started: dict[str, float] = {}
         self.rows: dict[str, dict] = {}
 
     def start(self, dump: str) -> None:
         self.started[dump] = time.perf_counter()
-        record(self.db_uri, self.base | {"dump": dump, "status": "running"})
+        record(self.db_uri, self.base | {"dump": dump, "status": "running"}, self.storage)
 
     def done(self, dump: str, counts: dict) -> None:
         self._finish(dump, {"status": "done", "seen": counts["seen"],
@@ -215,5 +221,5 @@ class Recorder:
         seconds = round(time.perf_counter() - self.started.get(dump, time.perf_counter()), 3)
         row = self.base | {"dump": dump, "seen": 0, "ingested": 0, "duplicates": 0,
                            "rejected": 0, "error": None} | fields | {"seconds": seconds}
-        record(self.db_uri, row)
+        record(self.db_uri, row, self.storage)
         self.rows[dump] = row

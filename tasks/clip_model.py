@@ -38,7 +38,7 @@ class ClipSpec:
     pretrained: str
     config_dir: str | None = None
     precision: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
 
     @property
     def label(self) -> str:
@@ -50,18 +50,21 @@ class ClipSpec:
 
 
 def ensure_tiny_clip(cache_dir: str | Path, seed: int = 0) -> tuple[str, str]:
-    """Build the tiny model once: (config dir for open_clip, checkpoint path). Atomic writes."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    """Build the tiny model once: (config dir for open_clip, checkpoint path). Atomic writes.
 
+    Imports torch/open_clip (~10 s on 2 cores) only when it has to build: a no-op ingest must
+    not pay for them."""
     root = Path(cache_dir) / "tiny-clip-v1"
     cfg_path, ckpt = root / f"{TINY_NAME}.json", root / f"{TINY_NAME}-seed{seed}.safetensors"
     root.mkdir(parents=True, exist_ok=True)
     if not cfg_path.exists():
         _atomic_write(cfg_path, json.dumps(TINY_CONFIG, indent=1).encode())
-    open_clip.add_model_config(str(root))
     if not ckpt.exists():
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        open_clip.add_model_config(str(root))
         torch.manual_seed(seed)
         model = open_clip.create_model(TINY_NAME, pretrained=None)
         tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
@@ -83,7 +86,7 @@ def resolve_spec(model: str, pretrained: str, cache_dir: str, precision: str = "
         config_dir, pretrained = ensure_tiny_clip(cache_dir)
     elif model == TINY_NAME:  # another tiny checkpoint: Ray actors need the config dir too
         config_dir = ensure_tiny_clip(cache_dir)[0]
-    return ClipSpec(model, pretrained, config_dir, precision, _device())
+    return ClipSpec(model, pretrained, config_dir, precision)
 
 
 def _device() -> str:
@@ -118,17 +121,18 @@ class Clip:
 
         if spec.config_dir:
             open_clip.add_model_config(spec.config_dir)
+        self.device = _device() if spec.device == "auto" else spec.device
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=spec.pretrained, device=spec.device
+            spec.model, pretrained=spec.pretrained, device=self.device
         )
-        self.spec, self.dtype = spec, pick_dtype(spec.precision, spec.device)
+        self.spec, self.dtype = spec, pick_dtype(spec.precision, self.device)
         self.model = model.to(self.dtype).eval()
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
         mean, std = _norm_from(preprocess)
-        self._mean = torch.tensor(mean, device=spec.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=spec.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.dim = int(self.encode_texts(["x"]).shape[1])
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -136,7 +140,7 @@ class Clip:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.spec.device)
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
             feats = self.model.encode_image(x.to(self.dtype))
             return _normalise(feats)
@@ -145,7 +149,7 @@ class Clip:
         import torch
 
         with torch.inference_mode():
-            tokens = self.tokenizer(texts).to(self.spec.device)
+            tokens = self.tokenizer(texts).to(self.device)
             return _normalise(self.model.encode_text(tokens))
 
 
@@ -171,13 +175,30 @@ def load_clip(spec: ClipSpec) -> Clip:
 
 
 def model_shape(spec: ClipSpec) -> tuple[int, int]:
-    """(embedding width, input size) from the model config, without building the model."""
-    import open_clip
+    """(embedding width, input size) from the model config, without building the model, and
+    without importing open_clip when the config JSON can be read directly."""
+    cfg = _config_json(spec)
+    if cfg is None:
+        import open_clip
 
-    if spec.config_dir:
-        open_clip.add_model_config(spec.config_dir)
-    cfg = open_clip.get_model_config(spec.model)
+        if spec.config_dir:
+            open_clip.add_model_config(spec.config_dir)
+        cfg = open_clip.get_model_config(spec.model)
     if cfg is None:
         raise ValueError(f"unknown open_clip model {spec.model!r}")
     size = cfg["vision_cfg"].get("image_size", 224)
     return int(cfg["embed_dim"]), int(size[0] if isinstance(size, list | tuple) else size)
+
+
+def _config_json(spec: ClipSpec) -> dict | None:
+    import importlib.util
+
+    dirs = [Path(spec.config_dir)] if spec.config_dir else []
+    found = importlib.util.find_spec("open_clip")
+    if found and found.submodule_search_locations:
+        dirs += [Path(p) / "model_configs" for p in found.submodule_search_locations]
+    for d in dirs:
+        path = d / f"{spec.model}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None

@@ -57,7 +57,9 @@ def open_source(source: str, storage: StorageConfig | None = None,
 def list_dump(source: str, storage: StorageConfig | None = None) -> pa.Table:
     """One row per image file (by suffix, any case); ``escape`` set for files outside the dump."""
     fs_, root, local = open_source(source, storage)
-    scheme = "" if local else source.split("://", 1)[0] + "://"
+    if local:
+        return _list_local(root)
+    scheme = source.split("://", 1)[0] + "://"
     infos = fs_.get_file_info(pafs.FileSelector(root, recursive=True))
     rows = {name: [] for name in LISTING_SCHEMA.names}
     for info in infos:
@@ -68,9 +70,50 @@ def list_dump(source: str, storage: StorageConfig | None = None) -> pa.Table:
         rows["rel_path"].append(rel)
         rows["file_name"].append(info.base_name)
         rows["size"].append(info.size)
-        rows["mtime"].append(info.mtime.timestamp() if info.mtime else 0.0)
+        rows["mtime"].append(mtime_seconds(info.mtime_ns) if info.mtime_ns else 0.0)
         rows["escape"].append(_escape_reason(info.path, root) if local else None)
     return pa.table(rows, schema=LISTING_SCHEMA)
+
+
+def mtime_seconds(ns: int) -> float:
+    """Whole microseconds as float seconds: one canonical form for every listing path, so the
+    ledger's (size, mtime) comparison is exact."""
+    return ns // 1000 / 1e6
+
+
+def _list_local(root: str) -> pa.Table:
+    """``os.scandir`` walk: one ``stat`` per file, ``realpath`` only for symlinks (the pyarrow
+    listing plus a realpath per file cost 2.4 s per 20,000 files).  Symlinked folders are not
+    entered: their files are flagged as escapes if outside, else reachable by their real path."""
+    rows = {name: [] for name in LISTING_SCHEMA.names}
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                _add_entry(entry, root, rows, stack)
+    return pa.table(rows, schema=LISTING_SCHEMA)
+
+
+def _add_entry(entry: os.DirEntry, root: str, rows: dict, stack: list) -> None:
+    link = entry.is_symlink()
+    if entry.is_dir(follow_symlinks=False):
+        stack.append(entry.path)
+        return
+    if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+        return
+    escape = _escape_reason(entry.path, root) if link else None
+    try:
+        st = entry.stat()
+    except OSError:
+        return  # a dangling link or a file gone mid-listing: nothing to read
+    if not entry.is_file():
+        return
+    rows["source_uri"].append(entry.path)
+    rows["rel_path"].append(entry.path[len(root) :].lstrip("/"))
+    rows["file_name"].append(entry.name)
+    rows["size"].append(st.st_size)
+    rows["mtime"].append(mtime_seconds(st.st_mtime_ns))
+    rows["escape"].append(escape)
 
 
 def _escape_reason(path: str, root: str) -> str | None:

@@ -34,11 +34,29 @@ def init_ray(address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     # child at once, so no lancedb state is used there.
     warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
     if address:
-        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        _connect(address)
         return
     os.makedirs(temp_dir, exist_ok=True)
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True, _temp_dir=os.path.abspath(temp_dir))
+
+
+def _connect(address: str) -> None:
+    """Join a running cluster.  Workers import this project's modules by name, so every node
+    needs the same environment (this package installed, e.g. ``pip install -e .`` or one
+    container image); nothing is shipped with the job.  Ray 2.60 heads started by
+    ``ray start`` use token authentication when a token exists, and a driver given an explicit
+    address only sends one with ``RAY_AUTH_MODE=token``: say so instead of a bare refusal."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+    except ConnectionError as e:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's token")
+        raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {e}{hint}") from e
 
 
 class ClipEmbedder:
@@ -79,7 +97,8 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
     _quiet_ray_data()
     block = max(decode_batch_size, 64)
     blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
-    gpus = 1 if spec.device == "cuda" else 0
+    gpus = 1 if spec.device == "cuda" or (
+        spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
     ds = ray.data.from_arrow(blocks).map_batches(
         partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage),
         batch_size=decode_batch_size, batch_format="numpy", num_cpus=decode_cpus,

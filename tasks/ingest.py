@@ -62,8 +62,10 @@ def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
     filesystem, root, is_local = open_source(source, storage)
     uri_root = root if is_local else source.split("://", 1)[0] + "://" + root
     listing = list_dump(source, storage)
-    meta = load_metadata(filesystem, root, "" if is_local else source.split("://", 1)[0] + "://")
     tables = store.open_tables(db_uri, dim, spec.label, suffix, storage)
+    if not _anything_new(listing, store.ledger(tables.files)):
+        return IngestCounts(seen=listing.num_rows, unchanged=listing.num_rows)
+    meta = load_metadata(filesystem, root, "" if is_local else source.split("://", 1)[0] + "://")
     with store.writer_lock(db_uri, tables.images.name):
         plan = _plan_and_record(tables, listing, meta, uri_root, run_id)
     todo = plan.todo.filter(pl.col("escape").is_null())
@@ -72,6 +74,15 @@ def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
     stages = Counter(r["stage"] for r in plan.rejects)
     return IngestCounts(seen=plan.seen, unchanged=plan.unchanged, todo=todo.height,
                         rejected=dict(stages))
+
+
+def _anything_new(listing: pa.Table, ledger: pl.LazyFrame | None) -> bool:
+    """The no-op fast path: an unchanged dump needs no metadata parse and no writes."""
+    if ledger is None:
+        return listing.num_rows > 0
+    keys = ["source_uri", "size", "mtime"]
+    known = ledger.select(keys).collect()
+    return pl.from_arrow(listing.select(keys)).join(known, on=keys, how="anti").height > 0
 
 
 def _plan_and_record(tables: store.Tables, listing: pa.Table, meta, uri_root: str,
@@ -166,10 +177,10 @@ def _file_rows(frame: pl.DataFrame, id_col: str | None, status: str | None,
     return rows.select(files_schema().names).to_arrow().cast(files_schema())
 
 
-def finish(tables: store.Tables, old_ids: list[str], refresh: bool = True) -> tuple[int, list[str]]:
+def finish(tables: store.Tables, old_ids: list[str]) -> tuple[int, list[str]]:
     """After all chunks: drop images orphaned by changed files, refresh indexes."""
     removed = store.delete_orphans(tables, old_ids)
-    return removed, store.refresh_indexes(tables) if refresh else []
+    return removed, store.refresh_indexes(tables)
 
 
 def elapsed(start: float) -> float:
@@ -177,12 +188,9 @@ def elapsed(start: float) -> float:
 
 
 def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dict,
-            progress=None, suffix: str | None = None, refresh: bool = True,
+            progress=None, suffix: str | None = None,
             storage: StorageConfig | None = None) -> IngestCounts:
-    """Stream the plan through Ray; commit chunk by chunk; ``progress(n_done)`` after each.
-
-    ``refresh=False`` leaves the index rebuild to the caller (a backfill does it per chunk of
-    dumps, not per dump)."""
+    """Stream the plan through Ray; commit chunk by chunk; ``progress(n_done)`` after each."""
     from tasks.clip_model import model_shape
     from tasks.embed import embed_files
 
@@ -200,7 +208,7 @@ def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dic
             progress(chunk.num_rows)
     old = todo["old_image_id"].drop_nulls().to_list()
     with store.writer_lock(db_uri, tables.images.name):
-        removed, built = finish(tables, old, refresh)
+        removed, built = finish(tables, old)
     log.info("indexes refreshed: %s", ", ".join(built) or "none")
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     return IngestCounts(todo=todo.height, ingested=counts["ingested"],

@@ -271,7 +271,7 @@ def _run_ingest_then_query(server, env: dict, deps: dict, logs: tuple) -> None:
     import lancedb
 
     t0 = time.monotonic()
-
+    earlier = {r["id"] for r in _query_runs(server, deps)}
     settings = {"profile": "tiny", "db": env["MMRAG_DB"], "embed_actor_cpus": 0.5,
                 "decode_cpus": 0.25, "cache_dir": env["MMRAG_CACHE_DIR"],
                 "work_dir": env["MMRAG_WORK_DIR"]}
@@ -282,11 +282,9 @@ def _run_ingest_then_query(server, env: dict, deps: dict, logs: tuple) -> None:
     t_ingest = time.monotonic() - t0
     assert lancedb.connect(env["MMRAG_DB"]).open_table("images").count_rows() == 8
 
-    def triggered():
-        runs = _api(server, "POST", "/flow_runs/filter", json={
-            "deployments": {"id": {"any_": [deps["query"]["id"]]}}})
-        return [r for r in runs if not (r.get("idempotency_key") or "scheduled").startswith(
-            "scheduled")]
+    def triggered():  # not a scheduled run (their idempotency key says so), not an older one
+        return [r for r in _query_runs(server, deps) if r["id"] not in earlier
+                and not (r.get("idempotency_key") or "scheduled").startswith("scheduled")]
 
     [query_run] = _wait(triggered, 60, "a query run triggered by the ingest", every=2, logs=logs)
     _wait_done(server, query_run["id"], 120, logs)
@@ -295,6 +293,11 @@ def _run_ingest_then_query(server, env: dict, deps: dict, logs: tuple) -> None:
     _check_progress_artifacts(server, ingest_id, query_run["id"])
     print(f"ingest run done {t_ingest:.1f} s, triggered query done "
           f"{time.monotonic() - t0:.1f} s after the run was requested")
+
+
+def _query_runs(server, deps: dict) -> list[dict]:
+    return _api(server, "POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [deps["query"]["id"]]}}})
 
 
 def _check_deployments(server, deps: dict, env: dict) -> None:
@@ -323,3 +326,43 @@ def _check_progress_artifacts(server, *run_ids: str) -> None:
     by_key = {a["key"]: a for a in arts if a["flow_run_id"] in run_ids}
     assert set(by_key) >= {"ingest-progress", "generate-progress"}, arts
     assert all(float(a["data"]) == 100.0 for a in by_key.values())
+
+
+@pytest.mark.slow
+def test_mmrag_serve_runs_ingest_and_the_triggered_query(prefect_server, deploy_env, tmp_path):
+    """The one-command alternative: no work pool, no worker; runs execute under ``mmrag serve``
+    with its environment (the same deployment names, so the same trigger applies)."""
+    env = deploy_env | {"MMRAG_DB": str(tmp_path / "serve-db"),
+                        "MMRAG_OUT": str(tmp_path / "serve-out")}
+    log = tmp_path / "serve.log"
+    serve = MMRAG + ["serve", "--interval", "3600", "--cron", "0 6 * * *"]
+    _no_pool_deployments(prefect_server, serve, env)
+    t0 = time.monotonic()
+    proc = _start(serve, log, env)
+    try:
+        def served():
+            deps = _api(prefect_server, "POST", "/deployments/filter", json={})
+            mine = {d["name"]: d for d in deps
+                    if (d["description"] or "").startswith("mmrag serve")}
+            return mine if set(mine) == {"ingest", "query"} else None
+
+        deps = _wait(served, 120, "mmrag serve's deployments", logs=(log,))
+        assert deps["ingest"]["parameters"] == {"source": env["MMRAG_DUMP_ROOT"]}
+        print(f"mmrag serve ready in {time.monotonic() - t0:.1f} s")
+        _run_ingest_then_query(prefect_server, env, deps, (log, prefect_server["log"]))
+    finally:
+        _stop(proc, timeout=30)
+
+
+def _no_pool_deployments(server, serve: list[str], env: dict) -> None:
+    """Serve refuses to take over the work-pool deployments of the yaml (when the test above
+    made them): their runs would crash. Once they are deleted it may start."""
+    pooled = [d for d in _api(server, "POST", "/deployments/filter", json={})
+              if d["work_pool_name"]]
+    if not pooled:
+        return
+    r = subprocess.run(serve, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "runs on work pool 'mmrag'" in r.stderr.strip().splitlines()[-1]
+    for d in pooled:
+        httpx.delete(f"{server['url']}/deployments/{d['id']}", timeout=30).raise_for_status()

@@ -52,7 +52,7 @@ def _session_members(sid: int) -> list[int]:
     return pids
 
 
-def _stop_session(sid: int, grace: float = 10) -> None:
+def _stop_session(sid: int, grace: float = 5) -> None:
     """SIGTERM the head's processes, SIGKILL what is left after ``grace`` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
         for pid in _session_members(sid):
@@ -106,6 +106,7 @@ def test_ingest_runs_on_the_cluster(cluster, tmp_path, cache_dir):
     assert tables(str(tmp_path / "db"))["images"].height == 8
     new = [n for n in _driver_logs(temp) if n not in before]
     assert len(new) == 1, (before, new)  # the ingest's driver registered with this head
-    job = new[0].removeprefix("python-core-driver-").split("_", 1)[0]
+    # the driver's worker id is its job id (8 hex digits) padded with ff…; workers log the job id
+    job = new[0].removeprefix("python-core-driver-")[:8]
     workers = list((temp / "session_latest" / "logs").glob(f"worker-*-{job}-*.out"))
     assert workers, f"no worker of job {job} ran on the cluster"
