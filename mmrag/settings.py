@@ -85,8 +85,12 @@ class Settings(BaseSettings):
     version_retention_days: float = Field(
         30.0, ge=0, description="table versions kept for time travel by optimize"
     )
-    nprobes: int | None = Field(None, ge=1, description="ANN partitions probed (indexed tables)")
-    refine_factor: int | None = Field(None, ge=1, description="ANN re-ranking factor")
+    nprobes: int | None = Field(
+        20, ge=1, description="ANN partitions probed (indexed tables; measured: see README)"
+    )
+    refine_factor: int | None = Field(
+        5, ge=1, description="ANN re-ranking by exact distance (recall 0.935 → 1.0 at 1M rows)"
+    )
     table_suffix: str | None = Field(
         None, description="table-set suffix; None = derived from the CLIP model"
     )
