@@ -29,7 +29,7 @@ from flows.ingest import (
 from mmrag.progress import progress
 from mmrag.settings import Settings
 from schemas.tables import table_names, table_suffix
-from tasks import backfill, ingest_many, store
+from tasks import backfill, ingest, ingest_many, store
 from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
 from tasks.embed import init_ray
 from tasks.storage import StorageConfig
@@ -108,7 +108,7 @@ def refresh_indexes(settings: Settings) -> list[str]:
     tables = store.open_tables(settings.db, model_shape(spec)[0], spec.label,
                                settings.table_suffix, _storage(settings))
     with store.writer_lock(settings.db, tables.images.name):
-        return store.refresh_indexes(tables)
+        return store.refresh_indexes(ingest.latest(tables))
 
 
 @task(name="backfill-chunk", task_run_name="chunk-{index}", cache_policy=NO_CACHE)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from tasks import store
 from tasks.clip_model import ClipSpec, model_shape
-from tasks.ingest import IngestCounts, commit_chunk, elapsed
+from tasks.ingest import IngestCounts, commit_chunk, elapsed, latest
 from tasks.storage import StorageConfig
 
 
@@ -76,7 +76,7 @@ def _finish(tables: store.Tables, db_uri: str, old: pl.Series, counts: Counter,
             start: float) -> dict:
     """Drop images orphaned by this dump's changed files; its counts as the ingest flow has them."""
     with store.writer_lock(db_uri, tables.images.name):
-        removed = store.delete_orphans(tables, old.drop_nulls().to_list())
+        removed = store.delete_orphans(latest(tables), old.drop_nulls().to_list())
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     total = counts["ingested"] + counts["duplicate"] + sum(rejected.values())
     return IngestCounts(todo=total, ingested=counts["ingested"], duplicates=counts["duplicate"],
