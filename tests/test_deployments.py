@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import tables as tables_of
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,6 +58,37 @@ def test_flow_parameters_render_as_a_form():
     assert settings["batch_size"]["minimum"] == 1
 
 
+def test_progress_artifact_is_throttled_and_never_fails_the_step(monkeypatch):
+    import logging
+
+    import prefect.artifacts as artifacts
+
+    from mmrag import progress as prog
+
+    calls = []
+    monkeypatch.setattr(artifacts, "create_progress_artifact",
+                        lambda pct, key, description: calls.append(("create", pct, key)) or "id")
+    monkeypatch.setattr(artifacts, "update_progress_artifact",
+                        lambda aid, pct, description: calls.append(("update", pct, description)))
+    log = logging.getLogger("test")
+    assert not prog.in_prefect_run()
+    with prog.progress(10, "gen", log) as advance:  # outside a run: no artifact at all
+        advance(10)
+    assert calls == []
+    with prog.progress(10, "Gen Step", log, artifact=True) as advance:
+        for _ in range(9):
+            advance(1)  # throttled: nothing until 2 s pass or the total is reached
+    assert calls == [("create", 0.0, "gen-step-progress"),
+                     ("update", 100.0, "Gen Step: done (9/10)")]
+
+    def broken(*a, **k):
+        raise RuntimeError("api down")
+
+    monkeypatch.setattr(artifacts, "create_progress_artifact", broken)
+    with prog.progress(3, "x", log, artifact=True) as advance:
+        advance(3)
+
+
 def _status(args, db, out) -> tuple[int, str]:
     from typer.testing import CliRunner
 
@@ -78,20 +110,20 @@ def test_status_on_a_missing_db_says_so_and_creates_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_status_of_an_ingested_db(tmp_path, settings, sample_dump, ray_session):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from flows.ingest import ingest_flow
     from tasks.sample_dump import write_bad_inputs
 
     dump = tmp_path / "dump"
-    import shutil
-
     shutil.copytree(sample_dump, dump)
     write_bad_inputs(dump, tmp_path / "outside")
     summary = ingest_flow.fn(str(dump), settings)
     answers = tmp_path / "out" / "answers" / "run_date=2026-01-02"
     answers.mkdir(parents=True)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"query_id": ["a", "b", "c"]}), answers / "r1.parquet")
     (answers / ".r2.parquet.tmp").write_text("half-written")
     code, text = _status(["--json"], settings.db, tmp_path / "out")
@@ -102,7 +134,9 @@ def test_status_of_an_ingested_db(tmp_path, settings, sample_dump, ray_session):
     assert {i["type"] for i in tables["images"]["indices"]} >= {"FTS", "BTree"}
     assert all(i["unindexed_rows"] == 0 for i in tables["images"]["indices"])
     stages = {r["stage"]: r["rows"] for r in report["db"]["rejects"]}
-    assert stages == {k: v for k, v in summary["rejected"].items() if v}
+    rejects = tables_of(settings.db)["rejects"]  # one row per (file, stage), reasons joined
+    assert stages == dict(rejects.group_by("stage").len().iter_rows())
+    assert set(stages) == {k for k, v in summary["rejected"].items() if v}
     [run] = report["db"]["runs"]
     assert run["run_id"] == summary["run_id"] and run["images"] == summary["ingested"]
     assert run["last_at"].startswith("20")
