@@ -25,9 +25,9 @@ def register(cli: ModuleType) -> None:
 
 def serve(
     source: Annotated[str | None, typer.Option(
-        "--source", envvar="MMRAG_DUMP_ROOT", help="dump root to ingest [MMRAG_DUMP_ROOT]")] = None,
+        "--source", envvar="MMRAG_DUMP_ROOT", help="dump root to ingest")] = None,
     queries: Annotated[str | None, typer.Option(
-        "--queries", envvar="MMRAG_QUERIES", help="queries file to answer [MMRAG_QUERIES]")] = None,
+        "--queries", envvar="MMRAG_QUERIES", help="queries file to answer")] = None,
     interval: Annotated[int, typer.Option(min=60, help="seconds between ingests")] = 3600,
     cron: Annotated[str, typer.Option(help="when to answer the queries (cron, UTC)")]
     = "0 6 * * *",

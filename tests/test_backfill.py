@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lancedb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 from conftest import tables
@@ -111,6 +112,72 @@ def test_progress_rows_upsert_per_dump(tmp_path):
                                                                  ("/d/2", "running", 0)]
     assert backfill.done_dumps(db, "bf-1") == {"/d/1"}
     assert (Path(db + ".locks") / "backfills.lock").exists()
+
+
+def _cli(args: list[str], tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from mmrag.cli import app
+
+    return CliRunner().invoke(app, ["--db", str(tmp_path / "db"), "--profile", "tiny", *args])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--root", "{root}", "--start", "2024-1-1"], "error: bad date '2024-1-1'"),
+    (["--root", "{root}", "--start", "2030-01-01"], "error: no dump folders named"),
+    (["--root", "{root}/nope"], "error: --root: SOURCE does not exist"),
+    (["{root}/2024-01-01", "{root}/nope"], "error: dump folders not found: "),
+    ([], "error: no dumps: give dump folders, --root, or --from-ledger"),
+    (["--from-ledger"], "error: no database at "),
+    (["{root}/2024-01-01", "--chunk-size", "0"], "error: --chunk-size must be at least 1"),
+])
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, cache_dir, monkeypatch, args, message):
+    monkeypatch.setenv("MMRAG_CACHE_DIR", str(cache_dir))
+    (tmp_path / "2024-01-01").mkdir()
+    r = _cli(["backfill", *[a.format(root=tmp_path) for a in args]], tmp_path)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith(message), r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_backfill_is_registered_under_python_m(tmp_path, cache_dir):
+    """``python -m mmrag.cli`` runs cli.py as ``__main__``: the command must be on that app
+    and see its global options (here --db)."""
+    env = os.environ | {"MMRAG_CACHE_DIR": str(cache_dir)}
+    r = subprocess.run([sys.executable, "-m", "mmrag.cli", "--db", str(tmp_path / "elsewhere"),
+                        "--profile", "tiny", "backfill", "--from-ledger"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: no database at {tmp_path / 'elsewhere'}: ingest first"
+
+
+def test_failed_dump_is_recorded_and_retried_alone(tmp_path, settings, monkeypatch):
+    """Dumps with nothing to embed need no Ray; a dump that fails is recorded, the others go
+    on, the run ends in BackfillIncomplete, and the next run retries only that dump."""
+    import flows.backfill as fb
+
+    for name in ("2024-02-01", "2024-02-02", "2024-02-03"):
+        (tmp_path / "root" / name).mkdir(parents=True)
+    real, broken = fb.plan_source, os.path.realpath(tmp_path / "root" / "2024-02-02")
+
+    def flaky(dump, *args, **kwargs):
+        if dump == broken:
+            raise OSError("disk went away")
+        return real(dump, *args, **kwargs)
+
+    monkeypatch.setattr(fb, "plan_source", flaky)
+    with pytest.raises(backfill.BackfillIncomplete, match="1 dump.s. failed") as err:
+        fb.backfill_flow.fn(root=str(tmp_path / "root"), chunk_size=2, settings=settings)
+    assert err.value.summary["failed"] == [broken] and err.value.summary["dumps_done"] == 2
+    rows = dict(backfill.progress_rows(settings.db).select("dump", "status").rows())
+    assert rows[broken] == "failed" and sorted(rows.values()) == ["done", "done", "failed"]
+    error = backfill.progress_rows(settings.db).filter(pl.col("dump") == broken)["error"][0]
+    assert error == "OSError: disk went away"
+
+    monkeypatch.setattr(fb, "plan_source", real)
+    again = fb.backfill_flow.fn(root=str(tmp_path / "root"), chunk_size=2, settings=settings)
+    assert (again["dumps_skipped"], again["dumps_done"], again["failed"]) == (2, 1, [])
+    assert set(backfill.progress_rows(settings.db)["status"]) == {"done"}
 
 
 # --- real backfills through Ray and LanceDB (slow) -------------------------------------------

@@ -236,7 +236,7 @@ def _api(server, method: str, path: str, **kw):
     return r.json()
 
 
-def _cli(server, args, env: dict, timeout: float = 180) -> str:
+def _cli(args, env: dict, timeout: float = 180) -> str:
     r = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], capture_output=True,
                        text=True, timeout=timeout, cwd=REPO, env=env)
     assert r.returncode == 0, f"prefect {args}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -286,11 +286,11 @@ def _worker(env: dict, log: Path):
 @pytest.mark.slow
 def test_deploy_run_ingest_then_trigger_fires_query(prefect_server, deploy_env, tmp_path):
     t0 = time.monotonic()
-    _cli(prefect_server, ["work-pool", "create", "mmrag", "--type", "process"], deploy_env)
+    _cli(["work-pool", "create", "mmrag", "--type", "process"], deploy_env)
     # MMRAG_REPO unset while deploying: the pull step keeps the placeholder and the worker
     # fills it in when a run starts (set while deploying, it would be recorded instead)
     deploy_only = {k: v for k, v in deploy_env.items() if k != "MMRAG_REPO"}
-    _cli(prefect_server, ["deploy", "--all", "--prefect-file", str(YAML)], deploy_only)
+    _cli(["deploy", "--all", "--prefect-file", str(YAML)], deploy_only)
     t_deploy = time.monotonic() - t0
     deps = {d["name"]: d for d in _api(prefect_server, "POST", "/deployments/filter", json={})}
     assert set(deps) == {"ingest", "query", "backfill"}
@@ -309,8 +309,8 @@ def _run_ingest_then_query(server, env: dict, deps: dict, logs: tuple) -> None:
     settings = {"profile": "tiny", "db": env["MMRAG_DB"], "embed_actor_cpus": 0.5,
                 "decode_cpus": 0.25, "cache_dir": env["MMRAG_CACHE_DIR"],
                 "work_dir": env["MMRAG_WORK_DIR"]}
-    out = _cli(server, ["deployment", "run", "ingest/ingest", "--param",
-                        f"settings={json.dumps(settings)}"], env)
+    out = _cli(["deployment", "run", "ingest/ingest", "--param",
+                f"settings={json.dumps(settings)}"], env)
     ingest_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
     _wait_done(server, ingest_id, 150, logs)
     t_ingest = time.monotonic() - t0
