@@ -96,7 +96,7 @@ def ingest(
 
     try:
         _preflight(source, settings)
-        summary = ingest_flow(source, settings)
+        summary = _run_flow(ingest_flow, source, settings)
     except (SourceError, StoreError) as e:
         _fatal(str(e))
     _print_summary(summary)
@@ -131,13 +131,25 @@ def query(
     from tasks.store import StoreError
 
     try:
-        summary = query_flow(queries, settings, run_id, run_date)
+        summary = _run_flow(query_flow, queries, settings, run_id, run_date)
     except (QueryFileError, StoreError, ValueError) as e:
         _fatal(str(e))
     errors = ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())) or "none"
     typer.echo(f"run {summary['run_id']}: {summary['queries']} queries, {summary['answered']} "
                f"answered, errors: {errors}\n  images table version {summary['table_version']}"
                f" -> {summary['output']}")
+
+
+def _run_flow(flow_, *args):
+    """Run a flow; a Prefect server that cannot start is a one-line fatal error, not a trace."""
+    try:
+        return flow_(*args)
+    except RuntimeError as e:
+        if "server" in str(e).lower() and "prefect" in str(e).lower():
+            _fatal(f"Prefect could not start or reach its server: {str(e).splitlines()[0]} "
+                   "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set "
+                   "PREFECT_API_URL to a running server)")
+        raise
 
 
 def _print_summary(summary: dict) -> None:

@@ -45,7 +45,12 @@ def safe_rel_path(raw: str) -> str:
             raise ValueError(f"absolute path {raw!r} is not allowed (must be relative to the dump)")
         if ".." in p.split("/"):
             raise ValueError(f"path {raw!r} escapes the dump")
-    return posixpath.normpath(raw.strip().replace("\\", "/")).lstrip("./") or raw
+    rel = posixpath.normpath(raw.strip().replace("\\", "/"))
+    while rel.startswith("./"):
+        rel = rel[2:]
+    if rel in ("", "."):
+        raise ValueError(f"path {raw!r} names the dump folder itself, not a file")
+    return rel
 
 
 def load_metadata(filesystem: pafs.FileSystem, root: str, uri_prefix: str = "") -> Metadata:
