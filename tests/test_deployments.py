@@ -363,6 +363,7 @@ def _check_progress_artifacts(server, *run_ids: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_mmrag_serve_runs_ingest_and_the_triggered_query(prefect_server, deploy_env, tmp_path):
     """The one-command alternative: no work pool, no worker; runs execute under ``mmrag serve``
     with its environment (the same deployment names, so the same trigger applies)."""
