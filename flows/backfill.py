@@ -17,11 +17,11 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import call as _call
+from flows.common import in_flow_run as _in_flow_run
+from flows.common import logger as _logger
+from flows.common import run_id as _run_id
 from flows.ingest import (
-    _call,
-    _in_flow_run,
-    _logger,
-    _run_id,
     merge_counts,
     pipeline_opts,
     plan_source,

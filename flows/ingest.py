@@ -6,46 +6,23 @@ inside one coarse task (Prefect orchestrates, Ray distributes).
 
 from __future__ import annotations
 
-import logging
 import os
-import uuid
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import call as _call
+from flows.common import in_flow_run as _in_flow_run
+from flows.common import logger as _logger
+from flows.common import run_id as _run_id
 from mmrag.progress import progress
 from mmrag.settings import Settings
 from tasks import ingest
 from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
 from tasks.embed import init_ray
 from tasks.storage import StorageConfig
-
-
-def _logger():
-    """The run logger inside Prefect; a plain logger when called via ``.fn()`` in tests."""
-    try:
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - MissingContextError outside a run
-        return logging.getLogger("mmrag.ingest")
-
-
-def _in_flow_run() -> bool:
-    from prefect.context import FlowRunContext
-
-    return FlowRunContext.get() is not None
-
-
-def _call(task_, *args):
-    """Run as a Prefect task inside a flow run; as the plain function under ``.fn()``."""
-    return task_(*args) if _in_flow_run() else task_.fn(*args)
-
-
-def _run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or uuid.uuid4())
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -65,7 +42,7 @@ def plan_source(source: str, settings: Settings, run_id: str,
     plan_path = Path(settings.work_dir) / run_id / plan_name
     counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
                             settings.table_suffix, StorageConfig.from_settings(settings))
-    _logger().info("%s: seen %d files, %d unchanged, %d to read", source, counts.seen,
+    _logger("mmrag.ingest").info("%s: seen %d files, %d unchanged, %d to read", source, counts.seen,
                    counts.unchanged, counts.todo)
     return str(plan_path), counts.as_dict()
 
@@ -84,7 +61,7 @@ def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str) -> d
     """Run a plan through Ray (started once per process) and commit it chunk by chunk."""
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
-    with progress(total, "ingest", _logger()) as advance:
+    with progress(total, "ingest", _logger("mmrag.ingest")) as advance:
         counts = ingest.process(Path(plan_path), settings.db, spec, run_id,
                                 pipeline_opts(settings), advance, settings.table_suffix,
                                 storage=StorageConfig.from_settings(settings))
@@ -106,7 +83,7 @@ def merge_counts(planned: dict, done: dict | None) -> dict:
 def ingest_flow(source: str, settings: Settings | None = None) -> dict:
     """Ingest the images under SOURCE into the LanceDB database of ``settings.db``."""
     settings = settings or Settings()
-    logger, run_id = _logger(), _run_id()
+    logger, run_id = _logger("mmrag.ingest"), _run_id()
     if settings.is_tiny:
         logger.warning(TINY_WARNING)
     plan_path, planned = _call(plan_task, source, settings, run_id)

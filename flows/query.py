@@ -7,16 +7,18 @@ re-run of the same ``run_id`` redoes only what is missing and replaces the outpu
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import call as _call
+from flows.common import in_flow_run as _in_flow_run
+from flows.common import logger as _logger
+from flows.common import run_id as new_run_id
 from mmrag.progress import progress
 from mmrag.settings import Settings
 from tasks import rag
@@ -27,30 +29,13 @@ from tasks.queries import read_queries
 from tasks.storage import StorageConfig
 
 
-def _logger():
-    try:
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - MissingContextError under .fn()
-        return logging.getLogger("mmrag.query")
-
-
-def _in_flow_run() -> bool:
-    from prefect.context import FlowRunContext
-
-    return FlowRunContext.get() is not None
-
-
-def _call(task_, *args):
-    return task_(*args) if _in_flow_run() else task_.fn(*args)
-
-
 @task(name="read-queries", cache_policy=NO_CACHE)
 def plan_task(queries: str, settings: Settings, work: str) -> str:
     roots = [*settings.query_image_roots, str(Path(queries).resolve().parent)]
     plan, warnings = read_queries(queries, image_roots=roots, default_top_k=settings.top_k,
                                   max_top_k=settings.max_top_k)
     for w in warnings:
-        _logger().warning(w)
+        _logger("mmrag.query").warning(w)
     path = Path(work) / "queries.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.write_parquet(path)
@@ -64,7 +49,8 @@ def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, d
     opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor}
     stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts,
                          settings.table_suffix, StorageConfig.from_settings(settings))
-    _logger().info("retrieved at %s version %d: %s", settings.db, stats["table_version"], stats)
+    _logger("mmrag.query").info("retrieved at %s version %d: %s", settings.db,
+                                stats["table_version"], stats)
     return str(out), stats
 
 
@@ -75,7 +61,7 @@ def generate_task(retrieved: str, settings: Settings, run_id: str, run_date: str
     engine = make_engine(name, model, max_new_tokens=settings.max_new_tokens,
                          temperature=settings.temperature, batch_size=settings.gen_batch_size)
     storage = StorageConfig.from_settings(settings)
-    with progress(total, "generate", _logger()) as advance:
+    with progress(total, "generate", _logger("mmrag.query")) as advance:
         rows = rag.respond(Path(retrieved), engine, name, model, run_id,
                            settings.max_image_pixels, settings.gen_batch_size, advance, storage)
     path = write_answers(rows, settings.out, run_date, run_id, storage)
@@ -87,11 +73,11 @@ def query_flow(queries: str, settings: Settings | None = None, run_id: str | Non
                run_date: str | None = None) -> dict:
     """Answer every query in QUERIES from the ``images`` table; write one Parquet file."""
     settings = settings or Settings()
-    logger = _logger()
+    logger = _logger("mmrag.query")
     if settings.is_tiny:
         logger.warning(TINY_WARNING + "; the tiny LLaVA's answers are random text")
     began = time.perf_counter()
-    run_id = run_id or _default_run_id()
+    run_id = run_id or new_run_id()
     run_date = run_date or datetime.now(UTC).date().isoformat()
     work = str(Path(settings.work_dir) / f"query-{run_id}")
     plan_path = _call(plan_task, queries, settings, work)
@@ -108,8 +94,3 @@ def query_flow(queries: str, settings: Settings | None = None, run_id: str | Non
     logger.info("query summary: %s", summary)
     return summary
 
-
-def _default_run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or uuid.uuid4())
