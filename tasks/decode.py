@@ -50,6 +50,15 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
 
 def decode(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
     """Bytes → (uint8 (size, size, 3), width, height after EXIF orientation)."""
+    im, width, height = open_rgb(data, size, max_pixels)
+    return _center_crop(im, size), width, height
+
+
+def open_rgb(data: bytes, size: int, max_pixels: int) -> tuple[Image.Image, int, int]:
+    """Bytes → (oriented RGB image decoded at reduced scale where possible, width, height).
+
+    The one place that applies the ingest guards (pixel limit before decoding, PIL's bomb
+    warning as an error, every failure a ``Rejected`` with its reason); prompts reuse it."""
     if not data:
         raise Rejected("decode", "empty file (0 bytes)")
     try:
@@ -63,7 +72,7 @@ def decode(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, int, in
                     f"image too large: {width}x{height} = {width * height:,} pixels exceeds the "
                     f"limit of {max_pixels:,} (decompression-bomb guard)",
                 )
-            return _to_pixels(im, size), width, height
+            return _load_rgb(im, size), width, height
     except Rejected:
         raise
     except UnidentifiedImageError as e:
@@ -83,13 +92,16 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPS_AXES else (width, height)
 
 
-def _to_pixels(im: Image.Image, size: int) -> np.ndarray:
-    """Reduced-size decode, orientation, RGB, shorter side to ``size``, centre crop."""
+def _load_rgb(im: Image.Image, size: int) -> Image.Image:
+    """Reduced-size decode (JPEG draft: most of the cost), orientation, RGB."""
     if im.format == "JPEG":
         im.draft("RGB", (size, size))
     im.load()
-    im = ImageOps.exif_transpose(im)
-    im = _to_rgb(im)
+    return to_rgb(ImageOps.exif_transpose(im))
+
+
+def _center_crop(im: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to ``size`` (bicubic, as open_clip), then the centre square."""
     w, h = im.size
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
@@ -98,7 +110,7 @@ def _to_pixels(im: Image.Image, size: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any mode to RGB: alpha composited on white, 16-bit scaled down, palette expanded."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)

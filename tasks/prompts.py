@@ -19,17 +19,15 @@ the native resolution; a 3×3 grid (112 px) leaves little a street scene can be 
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 import re
 import unicodedata
-import warnings
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from schemas.tables import SCORE_COLUMNS
-from tasks.decode import _oriented_size, _to_rgb, read_bytes
+from tasks.decode import open_rgb, read_bytes, to_rgb
 from tasks.storage import StorageConfig
 
 MAX_GRID = 4
@@ -168,17 +166,7 @@ def load_thumbnail(uri: str, size: int, max_pixels: int = 64_000_000,
     Same guards as ingest: pixel limit checked before decoding, PIL's bomb warning as error.
     """
     try:
-        data = read_bytes(uri, storage)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = _oriented_size(im)
-            if width * height > max_pixels:
-                return None
-            if im.format == "JPEG":
-                im.draft("RGB", (size, size))  # decode at reduced scale: most of the cost
-            im.load()
-            im = _to_rgb(ImageOps.exif_transpose(im))
+        im = open_rgb(read_bytes(uri, storage), size, max_pixels)[0]
         im.thumbnail((size, size), Image.Resampling.BICUBIC)
         return im
     except Exception:  # noqa: BLE001 - any unreadable input becomes a grey tile
@@ -197,7 +185,7 @@ def _tile(image: Image.Image | None, label: str, tile: int) -> Image.Image:
     """One tile: the photo fitted and centred (or grey when missing), its label top-left."""
     canvas = Image.new("RGB", (tile, tile), _MISSING_TILE if image is None else _BACKGROUND)
     if image is not None:
-        fitted = ImageOps.contain(_to_rgb(image), (tile, tile), Image.Resampling.BICUBIC)
+        fitted = ImageOps.contain(to_rgb(image), (tile, tile), Image.Resampling.BICUBIC)
         canvas.paste(fitted, ((tile - fitted.width) // 2, (tile - fitted.height) // 2))
     draw = ImageDraw.Draw(canvas)
     font = _label_font(tile)
