@@ -130,7 +130,8 @@ def upsert_rejects(rejects, rows: list[dict], run_id: str) -> int:
         .agg(pl.col("file_name").first(), pl.col("error").unique(maintain_order=True)
              .str.join("; "))
     )
-    existing = rejects.to_polars().select("source_uri", "stage", "error")
+    existing = (rejects.to_polars().select("source_uri", "stage", "error")
+                .filter(pl.col("source_uri").is_in(frame["source_uri"].unique().implode())))
     fresh = frame.join(existing.collect(), on=["source_uri", "stage", "error"], how="anti")
     if fresh.is_empty():
         return 0
