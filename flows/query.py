@@ -46,7 +46,8 @@ def plan_task(queries: str, settings: Settings, work: str) -> str:
 def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, dict]:
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
     out = Path(work) / "retrieved.parquet"
-    opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor}
+    opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor,
+            "rerank_weight": settings.rerank_weight, "rerank_depth": settings.rerank_depth}
     stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts,
                          settings.table_suffix, StorageConfig.from_settings(settings))
     _logger("mmrag.query").info("retrieved at %s version %d: %s", settings.db,

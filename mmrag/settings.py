@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     refine_factor: int | None = Field(
         5, ge=1, description="ANN re-ranking by exact distance (recall 0.935 → 1.0 at 1M rows)"
     )
+    rerank_weight: float = Field(
+        0.0, ge=0, le=1, description="hybrid reranking: weight of CLIP similarity vs the "
+        "full-text/vector fusion (0 = off)"
+    )
+    rerank_depth: int = Field(50, ge=1, description="hybrid candidates rescored when reranking")
     table_suffix: str | None = Field(
         None, description="table-set suffix; None = derived from the CLIP model"
     )

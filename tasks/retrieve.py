@@ -2,7 +2,9 @@
 
 Text and image queries that share a filter and ``top_k`` go to LanceDB as one matrix search
 (results tagged with ``query_index``); hybrid queries (vector + full-text on captions, fused
-with reciprocal-rank fusion) go one by one.  Filters are applied before ranking (prefilter), so
+with reciprocal-rank fusion) go one by one; optionally (``rerank_weight`` > 0) a deeper list of
+hybrid candidates (``rerank_depth``) is rescored by CLIP similarity to the query and cut to
+``top_k`` (see ``rerank``).  Filters are applied before ranking (prefilter), so
 every query gets ``top_k`` hits whenever that many rows match.
 """
 
@@ -105,7 +107,8 @@ def search_all(pinned: Pinned, plan: pl.DataFrame, vectors: np.ndarray, errors: 
     for row in ready.filter(pl.col("mode") == "hybrid").iter_rows(named=True):
         began = time.perf_counter()
         try:
-            hits[row["_i"]] = _hybrid_search(pinned.table, vectors[row["_i"]], row)
+            hits[row["_i"]] = _hybrid_search(pinned.table, vectors[row["_i"]], row,
+                                             search_opts or {})
         except Exception as e:  # noqa: BLE001
             errors[row["_i"]] = f"hybrid search failed: {e}"
         timings[row["_i"]] = (time.perf_counter() - began) * 1000
@@ -126,18 +129,41 @@ def _vector_search(table, matrix: np.ndarray, where: str | None, top_k: int,
             for (q,), g in result.group_by("query_index")}
 
 
-def _hybrid_search(table, vector: np.ndarray, row: dict) -> list[dict]:
+def _hybrid_search(table, vector: np.ndarray, row: dict, opts: dict | None = None) -> list[dict]:
+    opts = opts or {}
+    weight = float(opts.get("rerank_weight") or 0.0)
+    depth = max(row["top_k"], int(opts.get("rerank_depth") or 0)) if weight else row["top_k"]
     query = table.search(query_type="hybrid").vector(vector).text(row["text"])
-    query = query.distance_type("cosine")
+    query = _tune(query.distance_type("cosine"), opts)
     if row["where"]:
         query = query.where(row["where"], prefilter=True)
-    result = pl.from_arrow(query.select([*HIT_COLUMNS, "vector"]).limit(row["top_k"]).to_arrow())
+    result = pl.from_arrow(query.select([*HIT_COLUMNS, "vector"]).limit(depth).to_arrow())
     if result.is_empty():
         return []
     sims = np.stack(result["vector"].to_numpy()) @ vector
     result = result.with_columns(similarity=pl.Series(sims, dtype=pl.Float32),
                                  score=pl.col("_relevance_score").cast(pl.Float32))
-    return _ranked(result.sort("score", descending=True), "score")
+    if weight:
+        result = rerank(result, weight)
+    return _ranked(result.sort("score", descending=True).head(row["top_k"]), "score")
+
+
+def rerank(candidates: pl.DataFrame, weight: float) -> pl.DataFrame:
+    """Cross-modal rescoring: ``score`` ← weight·sim + (1−weight)·fused-rank score.
+
+    Both are min-max scaled over the candidate list first, because RRF scores (~1/60) and
+    cosine similarities live on unrelated scales; a full-text hit whose image does not look
+    like the query then sinks, a strong visual match lifted by its caption rises.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"rerank_weight must be in [0, 1], got {weight}")
+
+    def scaled(col: str) -> pl.Expr:
+        lo, hi = pl.col(col).min(), pl.col(col).max()
+        return pl.when(hi > lo).then((pl.col(col) - lo) / (hi - lo)).otherwise(1.0)
+
+    fused = weight * scaled("similarity") + (1.0 - weight) * scaled("score")
+    return candidates.with_columns(score=fused.cast(pl.Float32))
 
 
 def _tune(query, opts: dict):
