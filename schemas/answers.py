@@ -16,7 +16,10 @@ import pyarrow as pa
 from schemas.queries import BOUND_COLUMNS
 from schemas.tables import SCORE_COLUMNS
 
-SCHEMA_VERSION = "1"
+# Version history (readers accept every older version; missing columns read as nulls):
+#   1 - first release
+#   2 - adds boxes, raw_answer, search_options
+SCHEMA_VERSION = "2"
 ANSWERS_DIR = "answers"
 
 RETRIEVED_TYPE = pa.struct(
@@ -35,6 +38,17 @@ RETRIEVED_TYPE = pa.struct(
     ]
 )
 
+BOX_TYPE = pa.struct(
+    [
+        ("image_id", pa.string()),
+        ("rank", pa.int32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+    ]
+)
+
 ANSWER_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
@@ -50,12 +64,15 @@ ANSWER_SCHEMA = pa.schema(
         ("images_table", pa.string()),
         ("table_version", pa.int64()),
         ("clip_model", pa.string()),
+        ("search_options", pa.string()),
         ("retrieved", pa.list_(RETRIEVED_TYPE)),
         ("prompt", pa.string()),
         ("prompt_images", pa.list_(pa.string())),
         ("generator", pa.string()),
         ("generator_model", pa.string()),
         ("answer", pa.string()),
+        ("raw_answer", pa.string()),
+        ("boxes", pa.list_(BOX_TYPE)),
         ("citations", pa.list_(pa.int32())),
         ("n_prompt_tokens", pa.int32()),
         ("n_generated_tokens", pa.int32()),
@@ -82,12 +99,18 @@ COLUMN_DOCS = {
     "images_table": "table searched",
     "table_version": "LanceDB version of images searched (time travel: checkout(version))",
     "clip_model": "CLIP model of query and image vectors",
+    "search_options": "JSON of the search knobs used (nprobes, refine_factor, rerank_weight, "
+    "rerank_depth)",
     "retrieved": "ranked hits: image_id, source_uri, city, caption, similarity, scores …",
     "prompt": "full text prompt sent to the VLM",
     "prompt_images": "image_ids shown to the VLM, in grid order",
     "generator": "engine: vllm | transformers | none",
     "generator_model": "generation model id or path",
-    "answer": "generated text (null for engine none or on error)",
+    "answer": "generated text without its [[x1,y1,x2,y2]] boxes (null for engine none or on "
+    "error)",
+    "raw_answer": "the model's text exactly as generated",
+    "boxes": "grounded regions: image_id + rank of the photo (null = the query photo), x1 y1 x2 "
+    "y2 as fractions 0..1 of that photo's width/height",
     "citations": "[n] context ids cited by the answer",
     "n_prompt_tokens": "prompt tokens incl. image tokens",
     "n_generated_tokens": "tokens generated",

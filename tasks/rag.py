@@ -6,6 +6,7 @@ a bad row, a failed search or a failed generation is recorded in ``error``/``err
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from schemas.answers import RETRIEVED_TYPE
 from schemas.queries import BOUND_COLUMNS
+from tasks.boxes import Tile, parse_boxes
 from tasks.clip_model import ClipSpec, load_clip, model_shape
 from tasks.generate import Engine, GenRequest
 from tasks.prompts import MAX_GRID, build_grid, build_prompt, load_thumbnail, parse_citations
@@ -48,6 +50,7 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
         error_stage=pl.Series(stage, dtype=pl.String),
         table_version=pl.lit(pinned.version, pl.Int64),
         images_table=pl.lit(pinned.name), clip_model=pl.lit(spec.label), db=pl.lit(db_uri),
+        search_options=pl.lit(json.dumps(search_opts or {}, sort_keys=True)),
         retrieval_ms=pl.Series([embed_ms + timings[i] if i in timings else None
                                 for i in range(plan.height)], dtype=pl.Float32),
     ).to_arrow().append_column("retrieved", retrieved)
@@ -58,10 +61,11 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
 
 
 def _request(row: dict, max_pixels: int,
-             storage: StorageConfig | None = None) -> tuple[GenRequest, list[str]]:
+             storage: StorageConfig | None = None) -> tuple[GenRequest, list[Tile]]:
     """Prompt text plus one grid image (query photo first, then the best hits).
 
-    The query image is a local file; hits may live on object storage (``storage``)."""
+    The query image is a local file; hits may live on object storage (``storage``).  The tiles
+    say which photo sits where, so boxes in the answer can be mapped back to their photo."""
     hits = row["retrieved"] or []
     query_img = load_thumbnail(row["image_path"], GRID_SIZE, max_pixels) \
         if row["image_path"] else None
@@ -69,9 +73,12 @@ def _request(row: dict, max_pixels: int,
     images = ([query_img] if query_img else []) + [
         load_thumbnail(h["source_uri"], GRID_SIZE, max_pixels, storage) for h in shown]
     labels = (["Q"] if query_img else []) + [str(h["rank"]) for h in shown]
+    who = ([(None, None)] if query_img else []) + [(h["image_id"], h["rank"]) for h in shown]
+    tiles = [Tile(i, r, *(im.size if im else (None, None)))
+             for (i, r), im in zip(who, images, strict=True)]
     prompt = build_prompt(row["text"], hits, has_query_image=query_img is not None)
     grid = build_grid(images, labels, GRID_SIZE) if images else None
-    return GenRequest(prompt, grid), [h["image_id"] for h in shown]
+    return GenRequest(prompt, grid), tiles
 
 
 def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: str,
@@ -87,8 +94,8 @@ def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: s
         built = [_request(rows[i], max_pixels, storage) for i in idx]
         results = engine.generate([b[0] for b in built])
         ms = (time.perf_counter() - began) * 1000 / len(idx)
-        for i, (req, shown), res in zip(idx, built, results, strict=True):
-            _fill(out[i], req, shown, res, len(rows[i]["retrieved"] or []))
+        for i, (req, tiles), res in zip(idx, built, results, strict=True):
+            _fill(out[i], req, tiles, res, len(rows[i]["retrieved"] or []))
             out[i]["generation_ms"] = ms
         if progress:
             progress(len(idx))
@@ -102,15 +109,18 @@ def _answer_row(r: dict, run_id: str, engine: str, vlm_model: str) -> dict:
         "city": r["city"], **{c: r[c] for c in BOUND_COLUMNS},
         "filter": r["where"], "db": r["db"], "images_table": r["images_table"],
         "table_version": r["table_version"], "clip_model": r["clip_model"],
+        "search_options": r.get("search_options"),
         "retrieved": r["retrieved"], "generator": engine, "generator_model": vlm_model,
         "error": r["error"], "error_stage": r["error_stage"],
         "created_at": datetime.now(UTC), "retrieval_ms": r["retrieval_ms"],
     }
 
 
-def _fill(row: dict, req: GenRequest, shown: list[str], res, n_context: int) -> None:
-    valid, _ = parse_citations(res.text, n_context)
-    row.update(prompt=req.prompt, prompt_images=shown, answer=res.text, citations=valid,
+def _fill(row: dict, req: GenRequest, tiles: list[Tile], res, n_context: int) -> None:
+    answer, boxes = parse_boxes(res.text, tiles, GRID_SIZE)
+    valid, _ = parse_citations(answer, n_context)
+    row.update(prompt=req.prompt, prompt_images=[t.image_id for t in tiles if t.rank is not None],
+               answer=answer, raw_answer=res.text, boxes=boxes, citations=valid,
                n_prompt_tokens=res.n_prompt_tokens, n_generated_tokens=res.n_generated_tokens,
                created_at=datetime.now(UTC))
     if res.error:

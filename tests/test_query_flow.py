@@ -68,6 +68,9 @@ def test_every_query_gets_one_row_with_provenance(world):
     assert by["bad"]["error_stage"] == "query" and "no text and no image" in by["bad"]["error"]
     assert by["t"]["prompt"].count("<context>") == 1 and by["t"]["n_generated_tokens"] > 0
     assert out["run_date"].cast(pl.String).unique().to_list() == ["2026-01-02"]
+    opts = json.loads(by["t"]["search_options"])
+    assert opts["nprobes"] == settings.nprobes and opts["rerank_weight"] == settings.rerank_weight
+    assert by["t"]["raw_answer"] is not None and by["t"]["boxes"] is not None
 
 
 def test_hybrid_finds_the_caption_match(world):
