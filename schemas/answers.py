@@ -120,3 +120,27 @@ COLUMN_DOCS = {
     "retrieval_ms": "embedding + search time for this query (batch time shared equally)",
     "generation_ms": "generation time for this query (batch time shared equally)",
 }
+
+
+#: fields inside the list<struct> columns, for the data dictionary (``schemas/dictionary.py``)
+FIELD_DOCS = {
+    "retrieved": {
+        "rank": "1-based rank of the hit: the [n] of the prompt's context, of citations and boxes",
+        "image_id": "images.image_id of the hit",
+        "source_uri": "file of the image, as in images",
+        "rel_path": "path relative to its dump root, as in images",
+        "city": "city of the image",
+        "lat, lon": "degrees, as in images",
+        "caption": "captions of the image, as in images",
+        "similarity": "cosine similarity of query and image vectors",
+        "score": "ranking score: the similarity, or for hybrid queries the RRF relevance "
+        "(fused with the similarity when rerank_weight > 0)",
+        ", ".join(SCORE_COLUMNS): "perception scores of the image, as in images",
+    },
+    "boxes": {
+        "image_id": "image_id of the boxed photo; null = the query photo",
+        "rank": "rank of the boxed hit in retrieved; null = the query photo",
+        "x1, y1, x2, y2": "left, top, right, bottom as fractions 0..1 of that photo's width "
+        "(x) and height (y)",
+    },
+}

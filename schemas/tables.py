@@ -51,6 +51,9 @@ def table_names(suffix: str) -> tuple[str, str, str]:
     return IMAGES_TABLE + suffix, FILES_TABLE + suffix, REJECTS_TABLE + suffix
 
 
+_SCORE_DOC = "Place Pulse perception score; null when missing or not a finite number"
+
+
 class ImageMeta(LanceModel):
     """Columnar metadata of one image (from metadata.json or its Place Pulse file name)."""
 
@@ -59,12 +62,12 @@ class ImageMeta(LanceModel):
     lon: float | None = Field(None, description="longitude, degrees")
     place_id: str | None = Field(None, description="Place Pulse place id")
     caption: str | None = Field(None, description="captions joined by newlines")
-    livelier: float | None = Field(None, description="perception score (float32, null if NaN)")
-    more_beautiful: float | None = Field(None, description="perception score")
-    more_boring: float | None = Field(None, description="perception score")
-    more_depressing: float | None = Field(None, description="perception score")
-    safer: float | None = Field(None, description="perception score")
-    wealthier: float | None = Field(None, description="perception score")
+    livelier: float | None = Field(None, description=_SCORE_DOC)
+    more_beautiful: float | None = Field(None, description=_SCORE_DOC)
+    more_boring: float | None = Field(None, description=_SCORE_DOC)
+    more_depressing: float | None = Field(None, description=_SCORE_DOC)
+    safer: float | None = Field(None, description=_SCORE_DOC)
+    wealthier: float | None = Field(None, description=_SCORE_DOC)
 
 
 class ImageIdentity(LanceModel):
