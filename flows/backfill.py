@@ -42,7 +42,8 @@ def _storage(settings: Settings) -> StorageConfig:
 
 
 def _label(settings: Settings) -> str:
-    return resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision).label
+    return resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
+                        settings.clip_scales).label
 
 
 def select_dumps(settings: Settings, roots: list[str] | None = None, root: str | None = None,
@@ -81,7 +82,8 @@ def plan_dump(dump: str, n: int, settings: Settings, run_id: str,
 def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
                 rec: backfill.Recorder) -> None:
     """The chunk's plans through one Ray Data pipeline; each dump recorded when it is done."""
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
+                        settings.clip_scales)
     init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
     total = sum(p["planned"]["todo"] for p in plans.values())
 
@@ -104,7 +106,8 @@ def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
 
 def refresh_indexes(settings: Settings) -> list[str]:
     """Indexes are rebuilt once per chunk rather than once per dump."""
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
+                        settings.clip_scales)
     tables = store.open_tables(settings.db, model_shape(spec)[0], spec.label,
                                settings.table_suffix, _storage(settings))
     with store.writer_lock(settings.db, tables.images.name):

@@ -44,7 +44,8 @@ def plan_task(queries: str, settings: Settings, work: str) -> str:
 
 @task(name="retrieve", cache_policy=NO_CACHE)
 def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, dict]:
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
+                        settings.clip_scales)
     out = Path(work) / "retrieved.parquet"
     opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor,
             "rerank_weight": settings.rerank_weight, "rerank_depth": settings.rerank_depth}

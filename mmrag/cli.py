@@ -109,7 +109,8 @@ def _preflight(source: str, settings) -> None:
     from tasks.discover import open_source
 
     open_source(source)
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
+                        settings.clip_scales)
     store.open_tables(settings.db, model_shape(spec)[0], spec.label, settings.table_suffix)
 
 

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     clip_pretrained: str | None = Field(
         None, description="open_clip pretrained tag or local checkpoint path (profile default)"
     )
+    clip_scales: list[float] = Field(
+        default_factory=lambda: [1.0], description="multi-scale image embeddings: zooms pooled "
+        "per image, e.g. [1, 2] (1 = off; a separate table set; see README)"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="model precision; auto = fastest safe choice for the device"
     )

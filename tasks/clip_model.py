@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -39,14 +40,19 @@ class ClipSpec:
     config_dir: str | None = None
     precision: str = "auto"
     device: str = "auto"
+    scales: tuple[float, ...] = (1.0,)
 
     @property
     def label(self) -> str:
-        """Stored in tables: model name + tag, or checkpoint file name (not machine-specific)."""
+        """Stored in tables: model name + tag, or checkpoint file name (not machine-specific).
+
+        Multi-scale vectors differ from single-scale ones, so the scales are part of the label
+        (and hence of the table-set suffix): the two never mix in one table."""
         tag = self.pretrained
         if os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors")):
             tag = Path(tag).name
-        return f"{self.model}/{tag}"
+        multi = "" if self.scales == (1.0,) else "@ms" + "+".join(f"{z:g}" for z in self.scales)
+        return f"{self.model}/{tag}{multi}"
 
 
 def ensure_tiny_clip(cache_dir: str | Path, seed: int = 0) -> tuple[str, str]:
@@ -79,14 +85,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def resolve_spec(model: str, pretrained: str, cache_dir: str, precision: str = "auto") -> ClipSpec:
+def resolve_spec(model: str, pretrained: str, cache_dir: str, precision: str = "auto",
+                 scales: tuple[float, ...] | list[float] = (1.0,)) -> ClipSpec:
     """Turn settings into a spec; ``pretrained='tiny'`` builds (or reuses) the tiny checkpoint."""
     config_dir = None
     if pretrained == "tiny":
         config_dir, pretrained = ensure_tiny_clip(cache_dir)
     elif model == TINY_NAME:  # another tiny checkpoint: Ray actors need the config dir too
         config_dir = ensure_tiny_clip(cache_dir)[0]
-    return ClipSpec(model, pretrained, config_dir, precision)
+    return ClipSpec(model, pretrained, config_dir, precision, scales=check_scales(scales))
+
+
+def check_scales(scales: tuple[float, ...] | list[float]) -> tuple[float, ...]:
+    """Zoom factors: 1 = the whole centre crop, 2 = its central half, …; 1 must be included."""
+    out = tuple(sorted({float(z) for z in scales}))
+    if not out or out[0] != 1.0 or out[-1] > 4.0 or len(out) > 4:
+        raise ValueError(f"clip scales {list(scales)}: need 1.0 plus up to 3 zooms in (1, 4]")
+    return out
 
 
 def _device() -> str:
@@ -130,20 +145,43 @@ class Clip:
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        self.input_size = input_size(self.image_size, spec.scales)
         mean, std = _norm_from(preprocess)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.dim = int(self.encode_texts(["x"]).shape[1])
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) centre-cropped RGB → L2-normalised float32 (N, dim)."""
+        """uint8 (N, S, S, 3) centre-cropped RGB → L2-normalised float32 (N, dim).
+
+        With several scales, S is ``input_size`` and each zoom's centre view is resized to the
+        model's size; the views' unit vectors are averaged (then renormalised)."""
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
-            feats = self.model.encode_image(x.to(self.dtype))
-            return _normalise(feats)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            pooled = sum(self._encode(view) for view in self._views(x))
+            return _normalise(pooled)
+
+    def _views(self, x):
+        import torch.nn.functional as F  # noqa: N812
+
+        side = x.shape[-1]
+        for zoom in self.spec.scales:
+            crop = max(1, round(side / zoom))
+            top = (side - crop) // 2
+            view = x[..., top : top + crop, top : top + crop]
+            if crop != self.image_size:
+                view = F.interpolate(view, size=(self.image_size, self.image_size),
+                                     mode="bicubic", antialias=True, align_corners=False)
+            yield view
+
+    def _encode(self, x):
+        import torch
+
+        x = ((x - self._mean) / self._std).to(self.dtype)
+        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -174,9 +212,15 @@ def load_clip(spec: ClipSpec) -> Clip:
     return Clip(spec)
 
 
+def input_size(image_size: int, scales: tuple[float, ...]) -> int:
+    """Pixels decoded per side: enough that the largest zoom still sees native resolution."""
+    return math.ceil(image_size * max(scales))
+
+
 def model_shape(spec: ClipSpec) -> tuple[int, int]:
-    """(embedding width, input size) from the model config, without building the model, and
-    without importing open_clip when the config JSON can be read directly."""
+    """(embedding width, decode size) from the model config, without building the model, and
+    without importing open_clip when the config JSON can be read directly.  The decode size is
+    the model's input size, times the largest zoom for multi-scale specs."""
     cfg = _config_json(spec)
     if cfg is None:
         import open_clip
@@ -187,7 +231,8 @@ def model_shape(spec: ClipSpec) -> tuple[int, int]:
     if cfg is None:
         raise ValueError(f"unknown open_clip model {spec.model!r}")
     size = cfg["vision_cfg"].get("image_size", 224)
-    return int(cfg["embed_dim"]), int(size[0] if isinstance(size, list | tuple) else size)
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    return int(cfg["embed_dim"]), input_size(size, spec.scales)
 
 
 def _config_json(spec: ClipSpec) -> dict | None:

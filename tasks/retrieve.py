@@ -72,7 +72,7 @@ def embed_queries(plan: pl.DataFrame, clip: Clip, max_pixels: int) -> tuple[np.n
         ok, pixels = [], []
         for i in idx:
             try:
-                pixels.append(decode(read_bytes(paths[i]), clip.image_size, max_pixels)[0])
+                pixels.append(decode(read_bytes(paths[i]), clip.input_size, max_pixels)[0])
                 ok.append(i)
             except Rejected as r:
                 errors[int(i)] = f"query image rejected ({r.stage}): {r.error}"
