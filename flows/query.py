@@ -61,7 +61,10 @@ def generate_task(retrieved: str, settings: Settings, run_id: str, run_date: str
                   total: int) -> tuple[str, dict]:
     name, model = rag.resolve_engine(*settings.vlm_spec(), settings.cache_dir)
     engine = make_engine(name, model, max_new_tokens=settings.max_new_tokens,
-                         temperature=settings.temperature, batch_size=settings.gen_batch_size)
+                         temperature=settings.temperature, batch_size=settings.gen_batch_size,
+                         adapter=settings.vlm_adapter)
+    if settings.vlm_adapter and name != "none":  # answers record which adapter spoke
+        model = f"{model}+{settings.vlm_adapter}"
     storage = StorageConfig.from_settings(settings)
     with progress(total, "generate", _logger("mmrag.query")) as advance:
         rows = rag.respond(Path(retrieved), engine, name, model, run_id,

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         None, description="generation engine (profile default; auto = vllm on GPU)"
     )
     vlm_model: str | None = Field(None, description="LLaVA model id or local path (profile)")
+    vlm_adapter: str | None = Field(
+        None, description="LoRA adapter folder from mmrag finetune, applied to vlm_model by the "
+        "transformers engine (vLLM: use the --merge folder as vlm_model instead)"
+    )
     max_new_tokens: int = Field(128, ge=1, le=4096, description="tokens generated per answer")
     temperature: float = Field(0.0, ge=0, le=5, description="0 = greedy")
     gen_batch_size: int = Field(8, ge=1, description="prompts per generation batch")

@@ -20,6 +20,9 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 VLLM_MISSING = "the vllm engine needs the 'gpu' extra: pip install 'mmrag[gpu]' on a CUDA machine"
+ADAPTER_ENGINE = ("a LoRA adapter (MMRAG_VLM_ADAPTER) is applied by the transformers engine only; "
+                  "for vllm, merge it (mmrag finetune --merge) and set MMRAG_VLM_MODEL to the "
+                  "merged folder")
 IMAGE_TOKEN = "<image>"  # noqa: S105 - a placeholder token, not a secret
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -122,6 +125,7 @@ class TransformersEngine:
         device: str | None = None,
         dtype: str = "auto",
         seed: int = 0,
+        adapter: str | None = None,
     ) -> None:
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -134,6 +138,10 @@ class TransformersEngine:
         self.model = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch_dtype)
         if self.device == "cpu" and dtype == "auto" and self.model.dtype == torch.float16:
             self.model = self.model.to(torch.bfloat16)  # fp16 is slow on CPU; bf16 is not
+        if adapter:  # merged once at load: generation then costs what the base model costs
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
         self.model = self.model.to(self.device).eval()
         self.gen_kwargs = self._generation_kwargs(max_new_tokens, temperature)
 
@@ -274,6 +282,7 @@ def make_engine(
     device: str | None = None,
     dtype: str = "auto",
     seed: int = 0,
+    adapter: str | None = None,
 ) -> Engine:
     """Build the engine registered under ``name`` (a clear error lists the valid names)."""
     try:
@@ -281,6 +290,9 @@ def make_engine(
     except KeyError:
         choices = ", ".join(sorted(ENGINES))
         raise ValueError(f"unknown generation engine {name!r}; choose one of: {choices}") from None
+    if adapter and name == "vllm":
+        raise ValueError(ADAPTER_ENGINE)
+    extra = {"adapter": adapter} if adapter and name == "transformers" else {}
     return cls(
         model,
         max_new_tokens=max_new_tokens,
@@ -289,4 +301,5 @@ def make_engine(
         device=device,
         dtype=dtype,
         seed=seed,
+        **extra,
     )
