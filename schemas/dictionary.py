@@ -113,8 +113,9 @@ def _columns(schema: pa.Schema, docs: dict, nested: dict) -> list[Column]:
             inner = nested.get(f.name, {})
             for sub in item:
                 sdoc, skey = _lookup(sub.name, inner)
+                skey = ", ".join(f"{f.name}[].{k.strip()}" for k in skey.split(","))
                 out.append(Column(f"{f.name}[].{sub.name}", type_name(sub.type), sub.nullable,
-                                  sdoc, f"{f.name}[].{skey}"))
+                                  sdoc, skey))
     return out
 
 
@@ -182,15 +183,10 @@ def _rows(columns: tuple[Column, ...]) -> list[str]:
             groups.append([c])
     rows = []
     for g in groups:
-        if "<" in g[0].doc_key:
-            names = ", ".join(f"`{k.strip()}`" for k in g[0].doc_key.split(","))
-        elif _is_group(g[0].doc_key):
-            names = ", ".join(f"`{g[0].name.rsplit('.', 1)[0]}.{k.strip()}`"
-                              if "." in g[0].name else f"`{k.strip()}`"
-                              for k in g[0].doc_key.rsplit(".", 1)[-1].split(","))
-        else:
-            names = ", ".join(f"`{c.name}`" for c in g)
-        rows.append(f"| {names} | `{g[0].type}` | {_cell(g[0].doc) or '**undocumented**'} |")
+        key = g[0].doc_key
+        names = [k.strip() for k in key.split(",")] if "<" in key else [c.name for c in g]
+        cells = ", ".join(f"`{n}`" for n in names)
+        rows.append(f"| {cells} | `{g[0].type}` | {_cell(g[0].doc) or '**undocumented**'} |")
     return rows
 
 

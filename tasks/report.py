@@ -185,7 +185,7 @@ def build_run_report(out: str, run_id: str, *, db: str | None = None,
     html = render("run", title=f"mmrag run {run_id}", notes=notes, summary=run_summary(rows, meta),
                   plots=plots, queries=queries)
     return html, {"queries": len(rows), "shown": len(queries), "boxes": counts["boxes"],
-                  "path": paths[0], "thumbnails": sum(1 for t in thumbs._cache.values() if t.uri)}
+                  "path": paths[0], "thumbnails": thumbs.loaded}
 
 
 def _notes(rows: list[dict], paths: list[str], max_queries: int, roots: list[str]) -> list[str]:

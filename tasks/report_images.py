@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import posixpath
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -88,6 +87,11 @@ class Thumbnailer:
                 return real
         return None
 
+    @property
+    def loaded(self) -> int:
+        """Distinct files shown as thumbnails so far."""
+        return sum(1 for t in self._cache.values() if t.uri)
+
     def thumb(self, path: str | None, image_id: str | None = None) -> Thumb:
         """Thumbnail of ``path``; with ``image_id``, only if the bytes still hash to it."""
         key = (path, image_id)
@@ -125,11 +129,3 @@ def encode(im: Image.Image, px: int = THUMB_PX) -> Thumb:
 
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def display_name(uri: str | None) -> str:
-    """The last two path parts: enough to recognise a file without printing long roots."""
-    if not uri:
-        return ""
-    parts = posixpath.normpath(str(uri).replace("\\", "/")).split("/")
-    return "/".join(parts[-2:])

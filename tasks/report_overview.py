@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from schemas.tables import FILES_TABLE, IMAGES_TABLE, REJECTS_TABLE, SCORE_COLUMNS
-from tasks.report_images import Thumbnailer, ledger_roots, png_data_uri
+from tasks.report_images import Thumb, Thumbnailer, ledger_roots, png_data_uri
 from tasks.report_plots import city_counts, score_histograms
 from tasks.report_templates import render
 from tasks.storage import StorageConfig, is_local
@@ -49,7 +49,8 @@ def _open(db_uri: str, images_table: str, storage: StorageConfig | None):
 def _examples(rejects: pl.LazyFrame, stage: str, thumbs: Thumbnailer, n: int) -> list[dict]:
     rows = (rejects.filter(pl.col("stage") == stage).sort("at", descending=True, nulls_last=True)
             .select("source_uri", "error").head(n).collect().to_dicts())
-    return [r | {"thumb": thumbs.thumb(r["source_uri"])} for r in rows]
+    return [r | {"thumb": Thumb(reason="a metadata row, not a file") if "#row=" in r["source_uri"]
+                 else thumbs.thumb(r["source_uri"])} for r in rows]
 
 
 def _stages(rejects, thumbs: Thumbnailer, n: int) -> list[dict]:
@@ -71,12 +72,17 @@ def _summary(db_uri: str, images, files, stages: list[dict], cities: list) -> li
            ("images", str(facts["rows"])), ("cities", str(len(cities))),
            ("CLIP model", ", ".join(str(m) for m in models) or "–"),
            ("ingest runs", str(facts["runs"])),
-           ("ingested", f"{facts['first']} … {facts['last']}" if facts["rows"] else "–"),
+           ("ingested", f"{_when(facts['first'])} … {_when(facts['last'])}" if facts["rows"]
+            else "–"),
            ("rejects", str(sum(s["rows"] for s in stages)))]
     if files is not None:
         st = files.to_polars().group_by("status").len().sort("status").collect()
         out.append(("files (ledger)", ", ".join(f"{s}={n}" for s, n in st.iter_rows()) or "0"))
     return out
+
+
+def _when(at) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S %Z").strip() if at is not None else "–"
 
 
 def build_overview(db_uri: str, images_table: str = IMAGES_TABLE, *,

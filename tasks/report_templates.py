@@ -40,7 +40,7 @@ section.query h2,section.stage h3{margin:0 0 6px;font-size:16px}
 .frame{position:relative;display:inline-block;line-height:0;max-width:100%}
 .frame img{display:block;max-width:100%;height:auto}
 .box{position:absolute;border:2px solid #ff2d55;box-shadow:0 0 0 1px #fff}
-.missing{display:flex;align-items:center;justify-content:center;width:160px;height:90px;
+.missing{display:flex;align-items:center;justify-content:center;width:160px;min-height:90px;
  background:#ddd;color:#555;font-size:11px;text-align:center;padding:4px;line-height:1.2}
 .scores td{padding:0 4px 0 0;border:0}
 .caption{color:#444;max-height:4.2em;overflow:hidden}
