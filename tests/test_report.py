@@ -232,15 +232,17 @@ def test_overview_renders_rejects_with_examples(browser, reports, inputs, tmp_pa
 def test_cli_writes_both_reports(inputs, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    from mmrag import cli
     from mmrag.cli import app
 
-    monkeypatch.setenv("MMRAG_DB", inputs["db"])
-    monkeypatch.setenv("MMRAG_OUT", inputs["out"])
-    r = CliRunner().invoke(app, ["report", "r1", "--overview", "--out-dir", str(tmp_path)])
+    monkeypatch.setattr(cli, "_overrides", {})  # global options must not leak to other tests
+    monkeypatch.setenv("MMRAG_OUT", str(tmp_path / "elsewhere"))  # --out wins
+    r = CliRunner().invoke(app, ["--db", inputs["db"], "report", "r1", "--overview",
+                                 "--out", inputs["out"], "--out-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r1.html").stat().st_size > 10_000
     assert (tmp_path / "images-overview.html").exists()
     assert "run r1: 4 queries (4 shown)" in r.output and "rejects: decode=1" in r.output
     assert CliRunner().invoke(app, ["report"]).exit_code == 2
-    missing = CliRunner().invoke(app, ["report", "nope", "--out-dir", str(tmp_path)])
+    missing = CliRunner().invoke(app, ["report", "nope", "--out", inputs["out"]])
     assert missing.exit_code == 2 and "no answers for run 'nope'" in missing.output
