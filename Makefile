@@ -28,6 +28,8 @@ demo: $(STAMP)
 	MMRAG_PROFILE=tiny MMRAG_DB=$(DEMO)/lancedb MMRAG_OUT=$(DEMO)/out \
 		$(BIN)/mmrag query $(DEMO)/queries.jsonl --run-id demo
 	MMRAG_PROFILE=tiny MMRAG_DB=$(DEMO)/lancedb MMRAG_OUT=$(DEMO)/out \
+		$(BIN)/mmrag evaluate --answers demo --clip-score --eval-id demo
+	MMRAG_PROFILE=tiny MMRAG_DB=$(DEMO)/lancedb MMRAG_OUT=$(DEMO)/out \
 		$(BIN)/mmrag report demo --overview
 	$(BIN)/python -m mmrag.examples $(DEMO)/lancedb $(DEMO)/out
 

@@ -170,6 +170,7 @@ def _print_summary(summary: dict) -> None:
 
 __import__("mmrag.cli_backfill", fromlist=["register"]).register(app)  # mmrag backfill
 __import__("mmrag.cli_ops", fromlist=["register"]).register(sys.modules[__name__])  # serve, status
+__import__("mmrag.cli_eval", fromlist=["register"]).register(app)  # mmrag evaluate
 __import__("mmrag.cli_report", fromlist=["register"]).register(app)  # report, schema
 __import__("mmrag.cli_train", fromlist=["register"]).register(app)  # export-instructions, finetune
 
