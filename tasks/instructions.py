@@ -34,7 +34,7 @@ from schemas.instructions import (
     SPLITS,
     InstructionRecord,
 )
-from schemas.tables import SCORE_COLUMNS
+from schemas.tables import SCORE_COLUMNS, table_names, table_suffix
 from tasks import store
 from tasks.decode import Rejected, read_bytes
 from tasks.storage import StorageConfig, is_local
@@ -172,13 +172,13 @@ def read_images(db_uri: str, table: str,
         tbl = store.connect(db_uri, storage).open_table(table)
     except ValueError as e:
         raise InstructionError(f"no '{table}' table in {db_uri}: run mmrag ingest first") from e
-    frame = tbl.to_polars().select(COLUMNS).collect().sort("image_id")
-    return frame, tbl.version
+    version = tbl.version
+    tbl.checkout(version)  # the manifest's version is the one read, even while ingests write
+    return tbl.to_polars().select(COLUMNS).collect().sort("image_id"), version
 
 
 def images_table(settings) -> str:
     """The table the query flow searches for these settings (same rule as ``pin_images``)."""
-    from schemas.tables import table_names, table_suffix
     from tasks.clip_model import resolve_spec
 
     suffix = settings.table_suffix
