@@ -105,13 +105,11 @@ def _hit(h: dict, idx: int, thumbs: Thumbnailer, boxes: dict, cited: set[int]) -
 def _query(row: dict, idx: int, thumbs: Thumbnailer, counts: dict) -> dict:
     hits = row.get("retrieved") or []
     boxes, unmatched = boxes_by_target(row.get("boxes"), hits)
-    counts["boxes"] += sum(len(b) for b in boxes.values())
-    counts["unmatched"] += unmatched
     cited = set(row.get("citations") or [])
     answer = row.get("answer")
     ms = [f"{k.removesuffix('_ms')} {row[k]:.0f} ms" for k in ("retrieval_ms", "generation_ms")
           if isinstance(row.get(k), float) and math.isfinite(row[k])]
-    return {
+    q = {
         "idx": idx, "query_id": row.get("query_id"), "mode": row.get("mode"),
         "top_k": row.get("top_k"), "text": row.get("query_text"), "filter": row.get("filter"),
         "error": row.get("error"), "error_stage": row.get("error_stage"),
@@ -122,6 +120,11 @@ def _query(row: dict, idx: int, thumbs: Thumbnailer, counts: dict) -> dict:
         "citations": ", ".join(f"[{c}]" for c in sorted(cited)), "generator": row.get("generator"),
         "hits": [_hit(h, idx, thumbs, boxes, cited) for h in hits], "ms": " · ".join(ms),
     }
+    shown = [(q["query_thumb"], q["query_boxes"])] + [(h["thumb"], h["boxes"]) for h in q["hits"]]
+    drawn = sum(len(b) for t, b in shown if t.uri)  # a box on a missing thumbnail is not drawn
+    counts["boxes"] += drawn
+    counts["unmatched"] += unmatched + sum(len(b) for b in boxes.values()) - drawn
+    return q
 
 
 def _distinct(rows: list[dict], key: str) -> str:
@@ -173,7 +176,8 @@ def build_run_report(out: str, run_id: str, *, db: str | None = None,
     counts = {"boxes": 0, "unmatched": 0}
     queries = [_query(r, i, thumbs, counts) for i, r in enumerate(rows[:max_queries], 1)]
     hits = [h | {"mode": r.get("mode")} for r in rows for h in (r.get("retrieved") or [])]
-    boxes = (f"{counts['boxes']} drawn" + (f", {counts['unmatched']} matched no image"
+    boxes = (f"{counts['boxes']} drawn" + (f", {counts['unmatched']} not drawn (no such image "
+                                           "or no thumbnail)"
                                            if counts["unmatched"] else "")
              if "boxes" in columns else "none (file has no boxes column)")
     meta = {"run_id": run_id, "run_date": run_date, "path": paths[0], "version": version,

@@ -112,7 +112,9 @@ def run_rows(images: list[dict], query_image: str, run_id: str = "r1") -> list[d
         base | {"query_id": "bad-no-input", "mode": None, "error": "row has no text and no image",
                 "error_stage": "query"},
         base | {"query_id": "hostile", "query_text": HOSTILE, "mode": "hybrid", "top_k": 3,
-                "retrieved": h4, "answer": f"{HOSTILE} see [2] and [7]", "citations": [2]},
+                "retrieved": h4, "answer": f"{HOSTILE} see [2] and [7]", "citations": [2],
+                "boxes": [{"image_id": None, "rank": 3, "x1": 0.1, "y1": 0.1, "x2": 0.9,
+                           "y2": 0.9}]},  # on the hit whose thumbnail cannot be shown
     ]
 
 

@@ -157,7 +157,7 @@ def test_run_summary_counts(reports, inputs):
     assert f"<td>answered</td><td>{answered}</td>" in html
     assert "<td>errors by stage</td><td>query=1</td>" in html
     assert "<td>schema version</td><td>2</td>" in html
-    assert "3 drawn, 1 matched no image" in html
+    assert "3 drawn, 2 not drawn (no such image or no thumbnail)" in html
     old = reports["old"].read_text()
     assert "<td>schema version</td><td>1</td>" in old
     assert "none (file has no boxes column)" in old and 'class="box"' not in old
@@ -174,6 +174,7 @@ def test_run_report_renders_offline_with_boxes_in_place(browser, reports, inputs
     assert page.evaluate("document.scripts.length") == 0
     assert page.locator("#q4 .question").text_content() == HOSTILE
     assert "hash differs" in page.locator("#q4-hit3 .missing").text_content()
+    assert page.locator("#q4 .box").count() == 0
     q1_boxes = inputs["answers"][0]["boxes"]
     for sel, box in (("#q1-hit1", q1_boxes[0]), ("#q1-hit3", q1_boxes[1]),
                      ("#q2 .top", inputs["answers"][1]["boxes"][0])):
