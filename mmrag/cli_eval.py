@@ -64,7 +64,7 @@ def _run(cli, settings, params: dict, variant_specs: list[str], augment: str | N
         params["augmentations"] = _kinds(augment)
         cli._prefect_defaults()
         summary = cli._run_flow(lambda: evaluate_flow(settings=settings, **params))
-    except (StoreError, AnswersNotFound, ValueError) as e:
+    except (StoreError, AnswersNotFound, ValueError, OSError) as e:
         cli._fatal(str(e))
     typer.echo(format_summary(summary))
 

@@ -196,16 +196,14 @@ def _retrieval_rows(task: str, variant: str, subset: str | None, city: str | Non
     return [_row(task, variant, subset, city, m, v, group.height) for m, v in values.items()]
 
 
-def _row(task: str, variant: str | None, subset: str | None, city: str | None, metric: str,
-         value: float, n: int) -> dict:
+def _row(task: str, variant, subset, city, metric: str, value: float, n: int) -> dict:
     return {"task": task, "variant": variant, "subset": subset, "city": city,
             "metric": metric, "value": float(value), "n_queries": int(n)}
 
 
 def vector_index(table) -> str | None:
     """Type of the ANN index on ``vector`` (e.g. ``IvfSq``), None when the table has none."""
-    return next((str(i.index_type) for i in table.list_indices() if "vector" in i.columns),
-                None)
+    return next((str(i.index_type) for i in table.list_indices() if "vector" in i.columns), None)
 
 
 def ann_vs_exact(pinned: Pinned, queries: pl.DataFrame, opts: dict, variant: str,
@@ -261,7 +259,7 @@ def evaluate_retrieval(pinned: Pinned, queries: pl.DataFrame,
 def metrics_path(out_root: str, run_date: str, eval_id: str) -> str:
     """``{out}/metrics/run_date=YYYY-MM-DD/{eval_id}.parquet`` (both components validated)."""
     run_date, eval_id = answers.validate_run_date(run_date), answers.validate_run_id(eval_id)
-    return f"{answers._root(out_root)}/{METRICS_DIR}/run_date={run_date}/{eval_id}.parquet"
+    return f"{answers.dataset_root(out_root)}/{METRICS_DIR}/run_date={run_date}/{eval_id}.parquet"
 
 
 def metrics_table(rows: list[dict]) -> pa.Table:
@@ -277,18 +275,21 @@ def write_metrics(rows: list[dict], out_root: str, run_date: str, eval_id: str,
                   storage: StorageConfig | None = None) -> str:
     """Atomic like the answers (hidden temp + fsync + rename; one upload on object storage);
     re-running an ``eval_id`` replaces its file.  Returns the path."""
-    final = metrics_path(out_root, run_date, eval_id)
-    if is_local(final):
-        answers._publish(metrics_table(rows), final)
-    else:
-        answers._publish_object(metrics_table(rows), final, storage)
+    final, table = metrics_path(out_root, run_date, eval_id), metrics_table(rows)
+    try:
+        if is_local(final):
+            answers._publish(table, final)
+        else:
+            answers._publish_object(table, final, storage)
+    except OSError as e:
+        raise OSError(f"cannot write metrics to {final}: {e}") from e
     return final
 
 
 def read_metrics(out_root: str, storage: StorageConfig | None = None) -> pl.LazyFrame:
     """Every evaluation as one lazy frame with ``run_date`` from the path; older schema
     versions read with nulls in the newer columns; no files yet → an empty frame."""
-    root, hive = f"{answers._root(out_root)}/{METRICS_DIR}", {"run_date": pl.Date}
+    root, hive = f"{answers.dataset_root(out_root)}/{METRICS_DIR}", {"run_date": pl.Date}
     schema = pl.from_arrow(METRICS_SCHEMA.empty_table()).schema
     if not answers._has_files(root, storage):
         return pl.LazyFrame(schema={**schema, **hive})
