@@ -12,7 +12,10 @@ import polars as pl
 
 
 def answers(out: str) -> pl.LazyFrame:
-    return pl.scan_parquet(f"{out}/answers/**/*.parquet", hive_partitioning=True)
+    """Every run, whatever its schema version (older files read with nulls)."""
+    from tasks.answers import read_answers
+
+    return read_answers(out)
 
 
 def safer_by_city(out: str) -> pl.DataFrame:

@@ -41,6 +41,11 @@ _RUN_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _RETRIEVED_FIELDS = [f.name for f in RETRIEVED_TYPE]
 
 
+class OutputError(OSError):
+    """The answers file could not be written (disk full, read-only or missing location); any
+    previous file of the run is untouched."""
+
+
 def validate_run_id(run_id: str) -> str:
     """Letters, digits, ``.``, ``_``, ``-``; starts alphanumeric (never hidden); no ``..``."""
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
@@ -62,7 +67,7 @@ def validate_run_date(run_date: str) -> str:
     raise ValueError(f"invalid run_date {run_date!r}: expected a date as YYYY-MM-DD")
 
 
-def _root(out_root: str) -> str:
+def dataset_root(out_root: str) -> str:
     """The dataset root without a trailing slash: a local path, or a URI with a bucket."""
     root = str(out_root)
     if is_local(root):
@@ -75,7 +80,7 @@ def _root(out_root: str) -> str:
 
 def answers_path(out_root: str, run_date: str, run_id: str) -> str:
     """Final location of one run's file (validates both path components)."""
-    root = _root(out_root)
+    root = dataset_root(out_root)
     run_date, run_id = validate_run_date(run_date), validate_run_id(run_id)
     return f"{root}/{ANSWERS_DIR}/run_date={run_date}/{run_id}.parquet"
 
@@ -139,10 +144,13 @@ def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str,
 
     ``storage`` reaches an s3:// ``out_root`` (None = the ``MMRAG_S3_*`` environment)."""
     final = answers_path(out_root, run_date, run_id)
-    if is_local(final):
-        _publish(answers_table(rows), final)
-    else:
-        _publish_object(answers_table(rows), final, storage)
+    try:
+        if is_local(final):
+            _publish(answers_table(rows), final)
+        else:
+            _publish_object(answers_table(rows), final, storage)
+    except OSError as e:
+        raise OutputError(f"cannot write answers to {final}: {e}") from e
     return final
 
 
@@ -168,7 +176,7 @@ def read_answers(out_root: str, storage: StorageConfig | None = None) -> pl.Lazy
     The current schema is imposed, so files of an older schema version (fewer columns) read
     with nulls; hidden/temporary files are ignored.  No files yet → an empty frame.
     """
-    root = f"{_root(out_root)}/{ANSWERS_DIR}"
+    root = f"{dataset_root(out_root)}/{ANSWERS_DIR}"
     hive = {"run_date": pl.Date}
     if not _has_files(root, storage):
         return pl.LazyFrame(schema={**_polars_schema(), **hive})

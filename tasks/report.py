@@ -18,7 +18,7 @@ from pyarrow import fs as pafs
 
 from schemas.answers import ANSWERS_DIR
 from schemas.tables import FILES_TABLE, IMAGES_TABLE, SCORE_COLUMNS
-from tasks.answers import _root, validate_run_id
+from tasks.answers import dataset_root, validate_run_id
 from tasks.report_boxes import boxes_by_target
 from tasks.report_images import Thumb, Thumbnailer, ledger_roots, png_data_uri
 from tasks.report_plots import score_heatmap, similarity_plots
@@ -38,7 +38,7 @@ class RunNotFound(LookupError):
 def find_run(out: str, run_id: str, storage: StorageConfig | None = None) -> list[str]:
     """``{out}/answers/run_date=*/{run_id}.parquet``, latest partition first."""
     name = validate_run_id(run_id) + ".parquet"
-    root = f"{_root(out)}/{ANSWERS_DIR}"
+    root = f"{dataset_root(out)}/{ANSWERS_DIR}"
     fs_, path = filesystem(root, storage)
     infos = fs_.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     found = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name == name
@@ -51,7 +51,7 @@ def find_run(out: str, run_id: str, storage: StorageConfig | None = None) -> lis
 def load_run(out: str, run_id: str, storage: StorageConfig | None = None):
     """(rows, schema version, run_date, path, column names) of the run's latest file."""
     paths = find_run(out, run_id, storage)
-    fs_, _ = filesystem(f"{_root(out)}/{ANSWERS_DIR}", storage)
+    fs_, _ = filesystem(f"{dataset_root(out)}/{ANSWERS_DIR}", storage)
     table = pq.read_table(paths[0], filesystem=fs_)
     meta = table.schema.metadata or {}
     version = meta.get(b"mmrag.schema_version", b"?").decode()
