@@ -51,6 +51,9 @@ def labelled_task(settings: Settings, sample: int, seed: int, kinds: list[str],
                   work: str) -> tuple[str, dict]:
     spec, pinned = _pin(settings)
     chosen = sample_images(pinned, sample, seed)
+    if chosen.is_empty():
+        _logger("mmrag.evaluate").warning("%s version %d is empty: no retrieval metrics",
+                                          pinned.name, pinned.version)
     queries = labelled_queries(pinned, load_clip(spec), chosen, kinds, seed,
                                settings.max_image_pixels, StorageConfig.from_settings(settings))
     path = Path(work) / "labelled.parquet"

@@ -382,7 +382,6 @@ def test_cli_bad_input_is_a_one_line_error_before_prefect(world, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.flow
 def test_cli_evaluates_variants_and_answers(world):
     _answers(world, str(world.base / "out"), "demo")
     r = _cli(["--sample", "6", "--seed", "3", "--answers", "demo", "--clip-score",
