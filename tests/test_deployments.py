@@ -9,6 +9,8 @@ fixture teardown: SIGTERM, then SIGKILL after a timeout.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import json
 import os
 import re
@@ -38,12 +40,16 @@ def test_yaml_trigger_matches_the_python_one():
 
     spec = yaml.safe_load(YAML.read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"ingest", "query", "backfill"}
+    assert set(by_name) == {"ingest", "query", "backfill", "evaluate", "finetune"}
     assert by_name["query"]["triggers"] == [INGEST_COMPLETED]
     assert ingest_completed().expect == {"prefect.flow-run.Completed"}
-    assert by_name["backfill"]["schedules"] == []
+    assert by_name["backfill"]["schedules"] == [] == by_name["finetune"]["schedules"]
     for d in by_name.values():
-        assert (REPO / d["entrypoint"].split(":")[0]).exists(), d["entrypoint"]
+        module, name = d["entrypoint"].split(":")
+        assert (REPO / module).exists(), d["entrypoint"]
+        flow = getattr(importlib.import_module(module[:-3].replace("/", ".")), name)
+        params = inspect.signature(flow.fn).parameters
+        assert set(d["parameters"]) <= set(params), (d["name"], d["parameters"])
 
 
 def test_flow_parameters_render_as_a_form():
