@@ -92,12 +92,13 @@ def ingest(
     _prefect_defaults()
     from flows.ingest import ingest_flow
     from tasks.discover import SourceError
+    from tasks.embed import PipelineError
     from tasks.store import StoreError
 
     try:
         _preflight(source, settings)
         summary = _run_flow(ingest_flow, source, settings)
-    except (SourceError, StoreError) as e:
+    except (SourceError, StoreError, PipelineError) as e:
         _fatal(str(e))
     _print_summary(summary)
 
@@ -133,7 +134,7 @@ def query(
 
     try:
         summary = _run_flow(query_flow, queries, settings, run_id, run_date)
-    except (QueryFileError, StoreError, ValueError) as e:
+    except (QueryFileError, StoreError, ValueError, OSError) as e:
         _fatal(str(e))
     errors = ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())) or "none"
     typer.echo(f"run {summary['run_id']}: {summary['queries']} queries, {summary['answered']} "

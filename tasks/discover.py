@@ -108,12 +108,25 @@ def _add_entry(entry: os.DirEntry, root: str, rows: dict, stack: list) -> None:
         return  # a dangling link or a file gone mid-listing: nothing to read
     if not entry.is_file():
         return
-    rows["source_uri"].append(entry.path)
-    rows["rel_path"].append(entry.path[len(root) :].lstrip("/"))
-    rows["file_name"].append(entry.name)
+    path, name = _printable(entry.path), _printable(entry.name)
+    if path != entry.path:
+        escape = "file name is not valid UTF-8 (rename the file to ingest it)"
+    rows["source_uri"].append(path)
+    rows["rel_path"].append(path[len(root) :].lstrip("/"))
+    rows["file_name"].append(name)
     rows["size"].append(st.st_size)
     rows["mtime"].append(mtime_seconds(st.st_mtime_ns))
     rows["escape"].append(escape)
+
+
+def _printable(name: str) -> str:
+    """Names that are not UTF-8 (Python keeps their bytes as surrogates, which Arrow refuses)
+    get a readable, stable ``\\xNN`` form: recorded and rejected, never read by that name."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _escape_reason(path: str, root: str) -> str | None:

@@ -22,6 +22,14 @@ from tasks.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
+#: retries of a batch whose decode worker or CLIP actor process died (Ray Data's default is
+#: unlimited: one input that crashes the process every time would stall the run forever)
+BATCH_RETRIES = 3
+
+
+class PipelineError(RuntimeError):
+    """The Ray pipeline gave up (a batch kept killing its worker); committed chunks are kept."""
+
 
 def init_ray(address: str | None, num_cpus: int | None, temp_dir: str) -> None:
     """Connect to a cluster (address) or start a local Ray once per process."""
@@ -102,14 +110,23 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
     ds = ray.data.from_arrow(blocks).map_batches(
         partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage),
         batch_size=decode_batch_size, batch_format="numpy", num_cpus=decode_cpus,
+        max_retries=BATCH_RETRIES,
     )
     ds = ds.map_batches(
         ClipEmbedder, fn_constructor_kwargs={"spec": spec,
                                              "threads": threads or _threads(actor_cpus)},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
-        batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus,
+        batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus, max_task_retries=BATCH_RETRIES,
     )
-    yield from ds.iter_batches(batch_size=out_rows, batch_format="pyarrow")
+    try:
+        yield from ds.iter_batches(batch_size=out_rows, batch_format="pyarrow")
+    except ray.exceptions.RayError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(
+            f"the Ray pipeline stopped ({type(e).__name__}: {first}); a decode worker or CLIP "
+            f"actor died on the same batch {BATCH_RETRIES + 1} times (out of memory, or an "
+            "input that crashes it?). Committed rows are kept: fix the cause and re-run"
+        ) from e
 
 
 def _quiet_ray_data() -> None:

@@ -31,6 +31,7 @@ from schemas.tables import (
 from tasks.storage import StorageConfig, storage_options
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+_RUST_LOCATION = re.compile(r",\s*\S+\.rs:\d+:\d+")  # lance errors end with a source path
 
 
 class StoreError(Exception):
@@ -62,6 +63,21 @@ def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path), timeout=timeout):
         yield
+
+
+@contextmanager
+def write_errors(db_uri: str) -> Iterator[None]:
+    """A write that fails mid-run (disk full, read-only, network) becomes a one-line
+    ``StoreError``.  LanceDB commits are atomic, so the tables stay as the last commit left them."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(f"cannot write LanceDB at {db_uri}: {e}") from e
+    except RuntimeError as e:
+        if "LanceError" not in str(e):
+            raise
+        reason = _RUST_LOCATION.sub("", str(e).strip().splitlines()[0])
+        raise StoreError(f"cannot write LanceDB at {db_uri}: {reason}") from e
 
 
 def connect(uri: str, storage: StorageConfig | None = None) -> lancedb.DBConnection:

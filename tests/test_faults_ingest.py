@@ -1,0 +1,124 @@
+"""Faults during ingest, injected at chosen points, then the tables checked row by row.
+
+The killed runs are ``tests/fault_runner.py`` in a subprocess whose driver joins the session's
+Ray: it is SIGKILLed during decode, during embedding, while LanceDB writes ``images``, or
+between ``images`` and the ``files`` ledger.  Ray workers and CLIP actors that die mid-batch
+are injected in-process.  After every fault, a normal re-run must leave exactly the rows a
+clean ingest makes (``fault_checks.expected_rows``, derived from the dump's bytes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lancedb
+import pytest
+from fault_checks import (
+    COMMIT_ROWS,
+    PLAN_REJECTS,
+    assert_consistent,
+    assert_exactly,
+    expected_rows,
+    make_fault_dump,
+    run_runner,
+    runner_env,
+)
+
+from flows.ingest import ingest_flow
+
+pytestmark = pytest.mark.slow
+
+N_GOOD = 16
+N_FILES = N_GOOD + 2 + PLAN_REJECTS  # + a duplicate copy, a truncated file, 2 non-UTF-8 names
+
+
+@pytest.fixture(scope="module")
+def fault_dump(tmp_path_factory) -> Path:
+    return make_fault_dump(tmp_path_factory.mktemp("fault-dump") / "dump", N_GOOD)
+
+
+def kill(fault: str, n: int, dump, tmp_path, settings, ray_session) -> dict:
+    """Run the faulty ingest; it must die by SIGKILL and leave consistent tables behind."""
+    env = runner_env(settings, ray_session, tmp_path / "calls")
+    proc = run_runner(["ingest", str(dump), fault, str(n)], env)
+    assert proc.returncode == -9, f"not killed ({proc.returncode}): {proc.stderr[-3000:]}"
+    killed = assert_consistent(settings.db)
+    assert killed["files"].height < N_FILES
+    return killed
+
+
+def resume(dump, settings, killed: dict) -> None:
+    """A normal re-run redoes exactly the files without a ledger row, and nothing else."""
+    again = ingest_flow.fn(str(dump), settings)
+    assert_exactly(settings.db, expected_rows(dump))
+    assert again["unchanged"] == killed["files"].height
+    assert again["todo"] == N_FILES - killed["files"].height
+
+
+def test_killed_between_images_and_ledger(fault_dump, tmp_path, settings, ray_session):
+    """The 2nd commit stored its images but not their ledger rows: the re-run adopts them."""
+    killed = kill("between", 2, fault_dump, tmp_path, settings, ray_session)
+    # exactly the first commit's ledger rows, and the names rejected while planning
+    assert killed["files"].height == COMMIT_ROWS + PLAN_REJECTS
+    unledgered = set(killed["images"]["image_id"]) - set(killed["files"]["image_id"])
+    assert unledgered, "the kill did not land between the images and files writes"
+    resume(fault_dump, settings, killed)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize(("fault", "n"), [("decode", 4), ("embed", 2)])
+def test_killed_inside_a_ray_stage(fault, n, fault_dump, tmp_path, settings, ray_session):
+    """A decode task or a CLIP actor SIGKILLs the driver after finishing its N-th batch."""
+    killed = kill(fault, n, fault_dump, tmp_path, settings, ray_session)
+    resume(fault_dump, settings, killed)
+
+
+@pytest.mark.extended
+def test_killed_during_the_lancedb_write(fault_dump, tmp_path, settings, ray_session):
+    """Killed while the 2nd commit's ``images`` fragment was on disk but not committed."""
+    killed = kill("write", 2, fault_dump, tmp_path, settings, ray_session)
+    assert killed["files"].height == COMMIT_ROWS + PLAN_REJECTS
+    assert set(killed["images"]["image_id"]) == set(killed["files"]["image_id"].drop_nulls())
+    images = lancedb.connect(settings.db).open_table("images")
+    committed = images.stats()["fragment_stats"]["num_fragments"]
+    on_disk = os.listdir(Path(settings.db) / "images.lance" / "data")
+    assert len(on_disk) == committed + 1, "no torn fragment: the kill missed the write"
+    resume(fault_dump, settings, killed)
+
+
+def _plant(fault: str, tmp_path, ray_session, monkeypatch, n: int = 0, poison: str = ""):
+    import fault_runner
+
+    ray_session.cloudpickle.register_pickle_by_value(fault_runner)  # workers get the wrapper
+    fault_runner.install(fault, n, str(tmp_path / "calls"), poison, patch=monkeypatch.setattr)
+    return tmp_path / "calls"
+
+
+@pytest.mark.extended
+def test_clip_actor_dies_mid_batch_is_retried(fault_dump, tmp_path, settings, ray_session,
+                                              monkeypatch):
+    """Ray restarts the actor and re-runs its batch: one run, exactly the expected rows."""
+    calls = _plant("actor_dies", tmp_path, ray_session, monkeypatch, n=2)
+    summary = ingest_flow.fn(str(fault_dump), settings)
+    assert calls.stat().st_size > 2  # the 2nd call killed its actor; later calls ran anyway
+    assert (summary["seen"], summary["todo"]) == (N_FILES, N_FILES - PLAN_REJECTS)
+    assert summary["ingested"] == N_GOOD and summary["rejected"] == {"path": 2, "decode": 1}
+    assert_exactly(settings.db, expected_rows(fault_dump))
+
+
+def test_input_that_keeps_killing_its_worker_fails_cleanly(fault_dump, tmp_path, settings,
+                                                           ray_session, monkeypatch):
+    """A file that crashes its decode worker every time: the batch is retried a bounded number
+    of times, the run stops with a readable error, and the next run completes."""
+    from tasks.embed import BATCH_RETRIES, PipelineError
+
+    poison = sorted(p.name for p in fault_dump.rglob("*.JPG"))[5]
+    calls = _plant("decode_poison", tmp_path, ray_session, monkeypatch, poison=poison)
+    with pytest.raises(PipelineError, match=f"same batch {BATCH_RETRIES + 1} times"):
+        ingest_flow.fn(str(fault_dump), settings)
+    assert calls.stat().st_size == BATCH_RETRIES + 1
+    failed = assert_consistent(settings.db)
+    assert not any(poison in u for u in failed["files"]["source_uri"])
+    monkeypatch.undo()
+    resume(fault_dump, settings, failed)
