@@ -23,7 +23,9 @@ from tasks.storage import StorageConfig
 log = logging.getLogger(__name__)
 
 #: retries of a batch whose decode worker or CLIP actor process died (Ray Data's default is
-#: unlimited: one input that crashes the process every time would stall the run forever)
+#: unlimited: one input that crashes the process every time would stall the run forever).
+#: Passed as ``ray_remote_args`` (``max_retries``/``max_task_retries``), the only way in Ray
+#: 2.60 (it warns that these move to named parameters in 2.64).
 BATCH_RETRIES = 3
 
 

@@ -13,8 +13,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
+import prefect.main  # noqa: F401 - see below
 import pytest
 from conftest import tables
+
+# Prefect binds its console log handler to ``sys.stderr`` when it is first imported: import it
+# while collecting, never first inside a CliRunner call, whose streams close after the call.
 
 RUNNER = str(Path(__file__).with_name("fault_runner.py"))
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -161,6 +165,22 @@ def tmpfs(path: Path, size: str = "16m"):
     finally:
         if done.returncode == 0:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+class FailingParquet:
+    """``pyarrow.parquet`` as one module sees it (monkeypatch its ``pq``), except that
+    ``write_table`` raises ``error``: other writers of the run keep working."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __getattr__(self, name):
+        import pyarrow.parquet
+
+        return getattr(pyarrow.parquet, name)
+
+    def write_table(self, *_args, **_kwargs):
+        raise self.error
 
 
 def fill(folder: Path) -> None:

@@ -9,6 +9,7 @@ clean ingest makes (``fault_checks.expected_rows``, derived from the dump's byte
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -19,10 +20,15 @@ from fault_checks import (
     PLAN_REJECTS,
     assert_consistent,
     assert_exactly,
+    cli,
     expected_rows,
+    fill,
     make_fault_dump,
+    one_line_error,
     run_runner,
     runner_env,
+    stop_ephemeral_prefect,  # noqa: F401 - autouse
+    tmpfs,
 )
 
 from flows.ingest import ingest_flow
@@ -122,3 +128,52 @@ def test_input_that_keeps_killing_its_worker_fails_cleanly(fault_dump, tmp_path,
     assert not any(poison in u for u in failed["files"]["source_uri"])
     monkeypatch.undo()
     resume(fault_dump, settings, failed)
+
+
+def test_disk_full_mid_ingest(tmp_path, settings, ray_session, monkeypatch):
+    """The disk fills up after the first commit (a real full tmpfs where mounting is allowed,
+    else a write that raises ENOSPC): ``mmrag ingest`` exits 2 with one ``error:`` line and
+    the tables keep exactly what the first commit wrote (re-runs are proven above)."""
+    import tasks.ingest
+
+    dump = make_fault_dump(tmp_path / "dump", N_GOOD)
+    with tmpfs(tmp_path / "fs") as fs:
+        db = str((fs or tmp_path) / "db")
+        seen, real = {}, tasks.ingest.commit_chunk
+
+        def commit(tables_, chunk, clip_label, run_id):
+            if "before" not in seen and tables_.files.count_rows() > PLAN_REJECTS:
+                seen["before"] = (assert_consistent(db), _versions(db))
+                if fs:
+                    fill(fs)
+                else:
+                    monkeypatch.setattr(tables_.images, "add", _no_space)
+            return real(tables_, chunk, clip_label, run_id)
+
+        monkeypatch.setattr(tasks.ingest, "commit_chunk", commit)
+        failed = cli(["ingest", str(dump)], monkeypatch, **_cli_env(settings, db))
+        line = one_line_error(failed)
+        assert f"cannot write LanceDB at {db}" in line and "No space left on device" in line
+        before, versions = seen["before"]
+        assert _versions(db) == versions  # no commit, not even a partial one
+        after = assert_consistent(db)
+        for name in ("images", "files", "rejects"):
+            assert after[name].sort(after[name].columns[0]).equals(
+                before[name].sort(before[name].columns[0])), name
+        assert after["files"].height == COMMIT_ROWS + PLAN_REJECTS
+
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _versions(db: str) -> dict:
+    conn = lancedb.connect(db)
+    return {n: conn.open_table(n).version for n in ("images", "files", "rejects")}
+
+
+def _cli_env(settings, db: str) -> dict:
+    return {"MMRAG_PROFILE": "tiny", "MMRAG_DB": db, "MMRAG_CACHE_DIR": settings.cache_dir,
+            "MMRAG_WORK_DIR": settings.work_dir, "MMRAG_COMMIT_ROWS": str(COMMIT_ROWS),
+            "MMRAG_BATCH_SIZE": "8", "MMRAG_DECODE_BATCH_SIZE": "4",
+            "MMRAG_EMBED_ACTOR_CPUS": "0.5", "MMRAG_DECODE_CPUS": "0.25"}

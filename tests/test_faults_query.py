@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import lancedb
@@ -13,6 +14,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from fault_checks import (
+    FailingParquet,
     assert_exactly,
     cli,
     expected_rows,
@@ -62,18 +64,21 @@ def _listing(out: str) -> tuple[list[str], list[str]]:
     return [n for n in names if not n.startswith(".")], [n for n in names if n.startswith(".")]
 
 
-def _complete(path: Path) -> pl.DataFrame:
-    """A whole answers file: readable, one row per question, each answered."""
-    table = pq.read_table(path)
-    assert sorted(table["query_id"].to_pylist()) == [f"q{i}" for i in range(len(QUESTIONS))]
-    assert all(a is not None for a in table["answer"].to_pylist())
-    return pl.from_arrow(table)
+def _complete(path: Path, answered: bool = True) -> pl.DataFrame:
+    """A whole answers file: readable, one row per question with its hits (and answer)."""
+    table = pl.from_arrow(pq.read_table(path))
+    assert sorted(table["query_id"]) == [f"q{i}" for i in range(len(QUESTIONS))]
+    assert table["error"].null_count() == len(QUESTIONS)
+    assert table["retrieved"].list.len().to_list() == [3] * len(QUESTIONS)
+    assert table["answer"].null_count() == (0 if answered else len(QUESTIONS))
+    return table
 
 
-def _killed_query(world, tmp_path, ray_session, run_id: str, fault: str, n: int):
+def _killed_query(world, tmp_path, ray_session, run_id: str, fault: str, n: int,
+                  engine: str = "transformers"):
     base, settings, queries = world
     env = runner_env(settings, ray_session, tmp_path / "calls", MMRAG_MAX_NEW_TOKENS="4",
-                     MMRAG_GEN_BATCH_SIZE="2")
+                     MMRAG_GEN_BATCH_SIZE="2", MMRAG_ENGINE=engine)
     proc = run_runner(["query", queries, run_id, DATE, fault, str(n)], env)
     assert proc.returncode == -9, f"not killed ({proc.returncode}): {proc.stderr[-3000:]}"
 
@@ -92,13 +97,15 @@ def test_killed_mid_generation_leaves_no_file_and_rerun_writes_one(world, tmp_pa
 
 
 def test_killed_mid_write_keeps_the_previous_file(world, tmp_path, ray_session):
+    """Retrieval-only runs (engine none): the write is what is under test."""
     from tasks.answers import read_answers
 
     _, settings, queries = world
+    settings = settings.model_copy(update={"engine": "none"})
     query_flow.fn(queries, settings, "write-kill", DATE)
     final = _partition(settings.out) / "write-kill.parquet"
     before = final.read_bytes()
-    _killed_query(world, tmp_path, ray_session, "write-kill", "write", 1)
+    _killed_query(world, tmp_path, ray_session, "write-kill", "write", 1, engine="none")
     visible, hidden = _listing(settings.out)
     assert "write-kill.parquet" in visible and final.read_bytes() == before
     torn = [n for n in hidden if n.startswith(".write-kill.parquet.")]
@@ -110,7 +117,7 @@ def test_killed_mid_write_keeps_the_previous_file(world, tmp_path, ray_session):
     query_flow.fn(queries, settings, "write-kill", DATE)
     visible, _ = _listing(settings.out)
     assert [n for n in visible if n.startswith("write-kill")] == ["write-kill.parquet"]
-    again = _complete(final)
+    again = _complete(final, answered=False)
     old = pl.from_arrow(pq.read_table(io.BytesIO(before)))
     assert again["created_at"].min() > old["created_at"].max()
 
@@ -142,9 +149,8 @@ def test_disk_full_writing_answers(world, tmp_path, monkeypatch):
         if fs:
             fill(fs)
         else:
-            def no_space(*_a, **_k):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            monkeypatch.setattr(tasks.answers.pq, "write_table", no_space)
+            error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(tasks.answers, "pq", FailingParquet(error))
         failed = cli(["query", queries, "--run-id", "full", "--run-date", DATE, "--engine",
                       "none", "--out", str(out)], monkeypatch, **_env(settings))
         line = one_line_error(failed)
@@ -195,12 +201,22 @@ def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     queries = tmp_path / "q.jsonl"
     queries.write_text("".join(json.dumps({"query_id": f"q{i}", "text": t, "top_k": 4}) + "\n"
                                for i, t in enumerate(QUESTIONS)))
-    go = tmp_path / "go"
-    env = runner_env(settings, ray_session, tmp_path / "calls", FAULT_GO=str(go),
+    env = runner_env(settings, ray_session, tmp_path / "calls", MMRAG_COMMIT_ROWS="4",
                      MMRAG_EMBED_ACTOR_CPUS="0.25", MMRAG_ENGINE="none")
-    procs = [start_runner(["ingest", str(dump), "none", "0"], env) for _ in range(2)]
-    procs.append(start_runner(["query", str(queries), "during", DATE, "none", "0"], env))
-    _release(go, procs)
+    go_ingest, go_query = tmp_path / "go-ingest", tmp_path / "go-query"
+    procs = [start_runner(["ingest", str(dump), "none", "0"], env | {"FAULT_GO": str(go_ingest)})
+             for _ in range(2)]
+    procs.append(start_runner(["query", str(queries), "during", DATE, "none", "0"],
+                              env | {"FAULT_GO": str(go_query)}))
+    _wait_ready([go_ingest, go_ingest, go_query], procs)
+    ledger = lancedb.connect(settings.db).open_table("files")
+    before = ledger.count_rows()
+    go_ingest.touch()
+    while ledger.count_rows() == before:  # the query starts once the ingests are committing
+        assert all(p.poll() is None for p in procs[:2]), "an ingest ended before committing"
+        time.sleep(0.02)
+        ledger.checkout_latest()
+    go_query.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -208,7 +224,7 @@ def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     assert_exactly(settings.db, expected_rows(dump))
     answers = pl.read_parquet(_partition(settings.out) / "during.parquet")
     version = answers["table_version"].unique().to_list()
-    assert len(version) == 1 and version[0] >= start_version
+    assert len(version) == 1 and version[0] > start_version  # pinned after ingest commits
     table = lancedb.connect(settings.db).open_table("images")
     assert version[0] in {v["version"] for v in table.list_versions()}
     spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
@@ -222,12 +238,12 @@ def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     assert {h["image_id"] for r in answers["retrieved"] for h in r} <= stored
 
 
-def _release(go: Path, procs: list, timeout: float = 240) -> None:
-    import time
-
+def _wait_ready(gates: list[Path], procs: list, timeout: float = 240) -> None:
+    """Until every process has started up and waits at its gate file."""
     deadline = time.monotonic() + timeout
-    while len(list(go.parent.glob(go.name + ".ready.*"))) < len(procs):
+    ready = sum(len(list(g.parent.glob(g.name + ".ready.*"))) for g in set(gates))
+    while ready < len(procs):
         assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
         assert time.monotonic() < deadline, "runs never got ready"
         time.sleep(0.05)
-    go.touch()
+        ready = sum(len(list(g.parent.glob(g.name + ".ready.*"))) for g in set(gates))
