@@ -19,6 +19,9 @@ from tasks.storage import StorageConfig, filesystem
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
+#: larger files are rejected after reading this many bytes: a decode task holds whole files in
+#: memory, and an image within the pixel limit (64 MP) is far smaller, even as a 16-bit PNG
+MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 class Rejected(Exception):
@@ -29,23 +32,30 @@ class Rejected(Exception):
         self.stage, self.error = stage, error
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+def read_bytes(uri: str, storage: StorageConfig | None = None,
+               max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """Local paths by ``open``; URIs through pyarrow's filesystems (s3://, gs://, …).
 
-    ``storage`` says how to reach s3:// (endpoint, region); None = the ``MMRAG_S3_*`` env."""
+    ``storage`` says how to reach s3:// (endpoint, region); None = the ``MMRAG_S3_*`` env.
+    Never reads more than ``max_bytes`` + 1 bytes: a larger file is rejected."""
     try:
         if "://" not in uri:
             with open(uri, "rb") as f:
-                return f.read()
-        fs_, path = filesystem(uri, storage)
-        with fs_.open_input_stream(path) as f:
-            return f.read()
+                data = f.read(max_bytes + 1)
+        else:
+            fs_, path = filesystem(uri, storage)
+            with fs_.open_input_stream(path) as f:
+                data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise Rejected("missing", f"file disappeared before it could be read ({e.strerror})") from e
     except PermissionError as e:
         raise Rejected("read", f"permission denied ({e.strerror})") from e
     except OSError as e:
         raise Rejected("read", f"cannot read file: {e}") from e
+    if len(data) > max_bytes:
+        raise Rejected("decode", f"file too large: over the limit of {max_bytes:,} bytes "
+                       "(memory guard)")
+    return data
 
 
 def decode(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, int, int]:

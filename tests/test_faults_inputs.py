@@ -1,4 +1,5 @@
-"""File names that are not UTF-8 (bytes such as ``b'caf\\xe9.jpg'`` on Linux).
+"""Hostile inputs the other suites do not cover: file names that are not UTF-8 (bytes such
+as ``b'caf\\xe9.jpg'`` on Linux) and files too large to read into memory.
 
 Arrow strings must be UTF-8, so before the fix one such name crashed the listing and with it
 the whole run.  Now each is listed under a readable ``\\xNN`` form, rejected at the ``path``
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 import polars as pl
+import pytest
 from conftest import tables
 from fault_checks import PLAN_REJECTS, make_fault_dump, printable
 
@@ -59,3 +61,23 @@ def test_non_utf8_names_are_rejected_once_with_a_reason(tmp_path, settings):
     ledger = t["files"].filter(pl.col("source_uri").is_in(list(_non_utf8(dump))))
     assert ledger["status"].to_list() == ["rejected"] * PLAN_REJECTS
     assert ledger["image_id"].null_count() == PLAN_REJECTS
+
+
+def test_oversized_files_are_rejected_without_reading_them_whole(tmp_path):
+    """A file over the size limit is refused after reading limit + 1 bytes (the 1 GiB sparse
+    file is never pulled into memory); a file at the limit is read normally."""
+    from tasks.decode import MAX_FILE_BYTES, Rejected, read_bytes
+
+    assert 2 * MAX_FILE_BYTES > 10_000
+
+    data = tmp_path / "ok.jpg"
+    data.write_bytes(b"x" * 1000)
+    assert read_bytes(str(data), max_bytes=1000) == b"x" * 1000
+    with pytest.raises(Rejected) as small:
+        read_bytes(str(data), max_bytes=999)
+    assert small.value.stage == "decode" and "file too large" in small.value.error
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(2 * MAX_FILE_BYTES)  # sparse: no disk used
+    with pytest.raises(Rejected, match="over the limit of 10,000 bytes"):
+        read_bytes(str(huge), max_bytes=10_000)
