@@ -41,6 +41,7 @@ def _run(cli, params: dict) -> None:
     from flows.backfill import backfill_flow, select_dumps
     from tasks.backfill import BackfillError, BackfillIncomplete
     from tasks.discover import SourceError
+    from tasks.embed import PipelineError
     from tasks.store import StoreError
 
     try:
@@ -54,7 +55,7 @@ def _run(cli, params: dict) -> None:
         _print(e.summary)
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from e
-    except (BackfillError, SourceError, StoreError) as e:
+    except (BackfillError, SourceError, StoreError, PipelineError) as e:
         cli._fatal(str(e))
     _print(summary)
 

@@ -18,8 +18,10 @@ readers never see a partial file and a re-run replaces the previous object in on
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
+import time
 import uuid
 from datetime import date
 from pathlib import Path
@@ -136,6 +138,22 @@ def _publish(table: pa.Table, final: str) -> None:
         raise
     with contextlib.suppress(OSError):  # makes the rename durable; not possible everywhere
         _fsync(directory)
+    _sweep_stale(directory, name)
+
+
+STALE_TMP_SECONDS = 3600
+
+
+def _sweep_stale(directory: str, name: str, now: float | None = None) -> None:
+    """Remove temp files a killed writer of this run left behind (readers already skip them).
+
+    Only those older than an hour: a concurrent writer of the same run may still own a fresh one.
+    """
+    cutoff = (now or time.time()) - STALE_TMP_SECONDS
+    for tmp in Path(directory).glob(f".{glob.escape(name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
 
 
 def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str,

@@ -146,3 +146,22 @@ def test_object_storage_paths():
         answers_path("s3://", DATE, "r1")
     with pytest.raises(ValueError, match="run_id"):
         answers_path("s3://bkt/out", DATE, "../r1")
+
+
+def test_a_killed_writers_old_temp_file_is_swept_on_the_next_write(tmp_path):
+    import os
+    import time
+
+    part = tmp_path / "answers" / f"run_date={DATE}"
+    part.mkdir(parents=True)
+    old = part / ".run-1.parquet.dead.tmp"
+    fresh = part / ".run-1.parquet.live.tmp"
+    other = part / ".run-2.parquet.dead.tmp"
+    for f in (old, fresh, other):
+        f.write_bytes(b"PAR1 torn")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    write_answers([_row()], str(tmp_path), DATE, "run-1")
+    assert not old.exists()  # this run's stale temp file is gone
+    assert fresh.exists() and other.exists()  # a live writer's, and another run's, are kept
