@@ -299,7 +299,7 @@ def test_deploy_run_ingest_then_trigger_fires_query(prefect_server, deploy_env, 
     _cli(["deploy", "--all", "--prefect-file", str(YAML)], deploy_only)
     t_deploy = time.monotonic() - t0
     deps = {d["name"]: d for d in _api(prefect_server, "POST", "/deployments/filter", json={})}
-    assert set(deps) == {"ingest", "query", "backfill"}
+    assert set(deps) == {"ingest", "query", "backfill", "evaluate", "finetune"}
     _check_deployments(prefect_server, deps, deploy_env)
     with _worker(deploy_env, tmp_path / "worker.log") as log:
         _run_ingest_then_query(prefect_server, deploy_env, deps, (log, prefect_server["log"]))
@@ -347,7 +347,9 @@ def _check_deployments(server, deps: dict, env: dict) -> None:
     assert query["parameters"] == {"queries": env["MMRAG_QUERIES"]}
     assert [s["schedule"]["interval"] for s in ingest["schedules"]] == [3600]
     assert [s["schedule"]["cron"] for s in query["schedules"]] == ["0 6 * * *"]
-    assert deps["backfill"]["schedules"] == []
+    assert deps["backfill"]["schedules"] == [] == deps["finetune"]["schedules"]
+    assert [s["schedule"]["cron"] for s in deps["evaluate"]["schedules"]] == ["0 7 * * 1"]
+    assert deps["evaluate"]["parameters"] == {"sample": 500}
     assert "Settings" in json.dumps(ingest["parameter_openapi_schema"])
     assert ingest["pull_steps"][0]["prefect.deployments.steps.set_working_directory"] == {
         "directory": "{{ $MMRAG_REPO }}"}
