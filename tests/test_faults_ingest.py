@@ -72,7 +72,7 @@ def test_killed_between_images_and_ledger(fault_dump, tmp_path, settings, ray_se
     resume(fault_dump, settings, killed)
 
 
-@pytest.mark.extended
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "n"), [("decode", 4), ("embed", 2)])
 def test_killed_inside_a_ray_stage(fault, n, fault_dump, tmp_path, settings, ray_session):
     """A decode task or a CLIP actor SIGKILLs the driver after finishing its N-th batch."""
@@ -80,7 +80,7 @@ def test_killed_inside_a_ray_stage(fault, n, fault_dump, tmp_path, settings, ray
     resume(fault_dump, settings, killed)
 
 
-@pytest.mark.extended
+@pytest.mark.slow
 def test_killed_during_the_lancedb_write(fault_dump, tmp_path, settings, ray_session):
     """Killed while the 2nd commit's ``images`` fragment was on disk but not committed."""
     killed = kill("write", 2, fault_dump, tmp_path, settings, ray_session)
@@ -101,7 +101,7 @@ def _plant(fault: str, tmp_path, ray_session, monkeypatch, n: int = 0, poison: s
     return tmp_path / "calls"
 
 
-@pytest.mark.extended
+@pytest.mark.slow
 def test_clip_actor_dies_mid_batch_is_retried(fault_dump, tmp_path, settings, ray_session,
                                               monkeypatch):
     """Ray restarts the actor and re-runs its batch: one run, exactly the expected rows."""

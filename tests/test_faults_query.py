@@ -83,7 +83,7 @@ def _killed_query(world, tmp_path, ray_session, run_id: str, fault: str, n: int,
     assert proc.returncode == -9, f"not killed ({proc.returncode}): {proc.stderr[-3000:]}"
 
 
-@pytest.mark.extended
+@pytest.mark.slow
 def test_killed_mid_generation_leaves_no_file_and_rerun_writes_one(world, tmp_path,
                                                                    ray_session):
     _, settings, queries = world
@@ -182,7 +182,7 @@ def test_read_only_output_location(world, tmp_path, monkeypatch):
         assert (_partition(str(out)) / "ro.parquet").read_bytes() == before
 
 
-@pytest.mark.extended
+@pytest.mark.slow
 def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     """Two ingests of the same new files and a query, released together: no duplicates, the
     tables equal one ingest's, and the query's table_version reproduces what it retrieved."""

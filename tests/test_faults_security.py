@@ -131,7 +131,7 @@ def test_storage_config_and_source_errors_never_show_credentials(unreachable_s3)
     assert [m for m in messages + [str(error.value)] if _leaks(m)] == []
 
 
-@pytest.mark.extended
+@pytest.mark.slow
 def test_lancedb_errors_never_show_credentials(unreachable_s3):
     """LanceDB gets the secret in its storage options; its error (after ~5 s of retries)
     must not echo them."""
