@@ -53,12 +53,22 @@ def safe_rel_path(raw: str) -> str:
     return rel
 
 
+#: metadata files are parsed in memory by the driver: a hostile or runaway one must not take it
+#: down (Place Pulse 2.0's 110k images need ~50 MB)
+MAX_METADATA_BYTES = 1024**3
+
+
 def load_metadata(filesystem: pafs.FileSystem, root: str, uri_prefix: str = "") -> Metadata:
     """Find and parse the first metadata file present at the dump root (none is fine)."""
     for name in METADATA_FILES:
         path = f"{root}/{name}"
-        if filesystem.get_file_info(path).type == pafs.FileType.File:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.File:
             uri = uri_prefix + path
+            if info.size is not None and info.size > MAX_METADATA_BYTES:
+                return Metadata(_empty_frame(), uri, [_reject(uri, "metadata", (
+                    f"{name} is {info.size} bytes, over the {MAX_METADATA_BYTES}-byte limit "
+                    "(it is parsed in memory): split the dump; images get no metadata"))])
             with filesystem.open_input_stream(path) as f:
                 data = f.read()
             return parse_metadata(data, name.rsplit(".", 1)[1], uri)

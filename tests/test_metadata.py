@@ -127,3 +127,19 @@ def test_place_pulse_names_round_trip(lat, lon, pid, city):
     m = FILE_NAME_PATTERN.match(name)
     assert m and m["city"] == city and m["place_id"] == pid
     assert float(m["lat"]) == pytest.approx(lat, abs=1e-6)
+
+
+def test_oversized_metadata_file_is_a_reject_not_a_crash(tmp_path, monkeypatch):
+    from pyarrow import fs as pafs
+
+    import tasks.metadata as metadata
+
+    good = [{"Relative Path": "a.jpg", "City": "Paris"}]
+    (tmp_path / "metadata.json").write_text(json.dumps(good))
+    local = pafs.LocalFileSystem()
+    assert metadata.load_metadata(local, str(tmp_path)).frame.height == 1
+    monkeypatch.setattr(metadata, "MAX_METADATA_BYTES", 10)
+    meta = metadata.load_metadata(local, str(tmp_path))
+    assert meta.frame.height == 0
+    (reject,) = meta.rejects
+    assert reject["stage"] == "metadata" and "over the 10-byte limit" in reject["error"]
