@@ -41,9 +41,10 @@ METRICS_SCHEMA = pa.schema(
 
 COLUMN_DOCS = {
     "eval_id": "evaluation run that wrote the row (re-running an eval_id replaces its file)",
-    "task": "text2image | image2image | hybrid | ann_vs_exact | answers",
+    "task": "text2image | image2image | hybrid | hybrid_image | ann_vs_exact | answers",
     "variant": "named search options the queries ran with (null for answers: no search ran)",
-    "subset": "slice of the task's queries: augmentation (image2image), ANN index type "
+    "subset": "slice of the task's queries: augmentation (image2image, hybrid_image), ANN "
+              "index type "
               "(ann_vs_exact: e.g. IvfSq, or no_index), error stage (answers error_rate); "
               "null = all",
     "city": "city of the query's source image (answers clip_score: of the retrieved image); "

@@ -31,8 +31,9 @@ from tasks.storage import StorageConfig, is_local, storage_options
 
 KS = (1, 5, 10)
 DEPTH = max(KS)
-RETRIEVAL_TASKS = ("text2image", "image2image", "hybrid")
-_MODES = {"text2image": "text", "image2image": "image", "hybrid": "hybrid"}
+RETRIEVAL_TASKS = ("text2image", "image2image", "hybrid", "hybrid_image")
+_MODES = {"text2image": "text", "image2image": "image", "hybrid": "hybrid",
+          "hybrid_image": "hybrid"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 

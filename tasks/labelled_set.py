@@ -5,6 +5,9 @@
   text, so sampled images sharing a caption make one query;
 - image→image: seeded augmented copies (``tasks.augment``) of a sampled image, read from its
   source file (local or object storage) and decoded as query images are; relevant = the original.
+- hybrid with an image: one augmented copy (``crop`` when evaluated, else the first kind) as the
+  vector side and the first line of the caption as the full-text side; relevant = the original.
+  The words narrow the candidates, the picture picks among them: the case reranking is for.
 
 The sample is drawn without replacement from the sorted image ids of the pinned table version,
 so the same seed on the same version gives the same labelled set.
@@ -98,28 +101,44 @@ def text_queries(pinned: Pinned, clip: Clip, sample: pl.DataFrame) -> list[dict]
 
 def image_queries(clip: Clip, sample: pl.DataFrame, kinds: Sequence[str], seed: int,
                   max_pixels: int, storage: StorageConfig | None = None) -> list[dict]:
-    """One image2image query per (sampled image, augmentation kind), read from its source file;
-    a file that is gone or no longer has the ingested bytes makes its queries errors."""
+    """One image2image query per (sampled image, augmentation kind), read from its source file,
+    plus one hybrid_image query per captioned image; a file that is gone or no longer has the
+    ingested bytes makes its queries errors."""
     rows: list[dict] = []
-    pending: list[tuple[dict, np.ndarray]] = []
+    pending: list[tuple[list[dict], np.ndarray]] = []
+    hybrid_kind = "crop" if "crop" in kinds else (kinds[0] if kinds else None)
     for r in sample.iter_rows(named=True):
         data, error = _source(r, storage)
         for kind in kinds:
-            row = {"query_id": f"i{len(rows):05d}", "task": "image2image", "subset": kind,
-                   "city": r["city"], "text": None, "target": r["image_id"],
-                   "relevant": [r["image_id"]], "vector": None, "error": error}
-            rows.append(row)
+            group = [_image_row(r, kind, "image2image", None, error, len(rows))]
+            words = _first_line(r["caption"])
+            if kind == hybrid_kind and words:
+                group.append(_image_row(r, kind, "hybrid_image", words, error, len(rows) + 1))
+            rows += group
             if data is None:
                 continue
             try:
                 copy = augment(data, kind, seed, r["image_id"], max_pixels)
-                pending.append((row, decode(copy, decode_size(clip), max_pixels)[0]))
+                pending.append((group, decode(copy, decode_size(clip), max_pixels)[0]))
             except Rejected as e:
-                row["error"] = f"augmented copy rejected ({e.stage}): {e.error}"
+                for row in group:
+                    row["error"] = f"augmented copy rejected ({e.stage}): {e.error}"
             if len(pending) >= _BATCH:
                 _embed(clip, pending)
     _embed(clip, pending)
     return rows
+
+
+def _image_row(r: dict, kind: str, task: str, text: str | None, error: str | None,
+               n: int) -> dict:
+    return {"query_id": f"i{n:05d}", "task": task, "subset": kind, "city": r["city"],
+            "text": text, "target": r["image_id"], "relevant": [r["image_id"]],
+            "vector": None, "error": error}
+
+
+def _first_line(caption: str | None) -> str | None:
+    line = (caption or "").strip().split("\n", 1)[0].strip()[:MAX_QUERY_CHARS]
+    return line if line and "\x00" not in line else None
 
 
 def _source(row: dict, storage: StorageConfig | None) -> tuple[bytes | None, str | None]:
@@ -137,11 +156,12 @@ def decode_size(clip: Clip) -> int:
     return int(getattr(clip, "input_size", clip.image_size))
 
 
-def _embed(clip: Clip, pending: list[tuple[dict, np.ndarray]]) -> None:
+def _embed(clip: Clip, pending: list[tuple[list[dict], np.ndarray]]) -> None:
     if pending:
         vectors = clip.encode_pixels(np.stack([p for _, p in pending]))
-        for (row, _), vector in zip(pending, vectors, strict=True):
-            row["vector"] = vector.tolist()
+        for (group, _), vector in zip(pending, vectors, strict=True):
+            for row in group:
+                row["vector"] = vector.tolist()
         pending.clear()
 
 

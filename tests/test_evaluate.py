@@ -181,6 +181,15 @@ def test_sample_is_seeded_and_captions_define_relevance(world):
     assert by_text[CAPTIONS[3]]["relevant"] == [world.rows[3]["image_id"]]
     assert queries.filter(pl.col("task") == "hybrid").height == text.height
     assert queries.filter(pl.col("task") == "image2image").height == len(CAPTIONS)
+    both = queries.filter(pl.col("task") == "hybrid_image")  # one per captioned image
+    assert both.height == sum(1 for c in CAPTIONS if c and c.strip())
+    for q in both.iter_rows(named=True):
+        assert q["relevant"] == [q["target"]] and q["subset"] == IDENTITY
+        assert CAPTIONS[[r["image_id"] for r in world.rows].index(q["target"])] \
+            .startswith(q["text"])
+    same = queries.filter(pl.col("task") == "image2image").join(
+        both.select("target", hv="vector"), on="target")
+    assert (same["vector"] == same["hv"]).all()  # the same embedded copy, not a re-embedding
 
 
 def _expected(world, text_rows):
@@ -392,8 +401,8 @@ def test_cli_evaluates_variants_and_answers(world):
     assert str(path) in r.stdout and "evaluation cli: 6 sampled images" in r.stdout
     metrics = pl.read_parquet(path)
     assert set(metrics["variant"].drop_nulls()) == {"default", "wide"}
-    assert set(metrics["task"]) == {"text2image", "image2image", "hybrid", "ann_vs_exact",
-                                    "answers"}
+    assert set(metrics["task"]) == {"text2image", "image2image", "hybrid", "hybrid_image",
+                                    "ann_vs_exact", "answers"}
     identity = metrics.filter(pl.col("task") == "image2image", pl.col("subset") == IDENTITY,
                               pl.col("metric") == "recall@1", pl.col("city").is_null())
     assert identity["value"].to_list() == [1.0, 1.0] and set(identity["n_queries"]) == {6}
@@ -401,6 +410,6 @@ def test_cli_evaluates_variants_and_answers(world):
     cites = metrics.filter(pl.col("metric") == "cites_only_retrieved")
     assert cites["value"].to_list() == [pytest.approx(2 / 3)]
     assert cites["answers_run_id"].to_list() == ["demo"]
-    for line in ("text2image", "image2image", "hybrid", "ann_vs_exact"):
-        assert sum(ln.strip().startswith(line) for ln in r.stdout.splitlines()) == 2
+    for line in ("text2image", "image2image", "hybrid", "hybrid_image", "ann_vs_exact"):
+        assert sum(ln.split()[:1] == [line] for ln in r.stdout.splitlines()) == 2
     assert "cites_only_retrieved 0.667" in r.stdout
