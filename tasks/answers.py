@@ -163,20 +163,26 @@ def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str,
     ``storage`` reaches an s3:// ``out_root`` (None = the ``MMRAG_S3_*`` environment)."""
     final = answers_path(out_root, run_date, run_id)
     try:
-        if is_local(final):
-            _publish(answers_table(rows), final)
-        else:
-            _publish_object(answers_table(rows), final, storage)
+        publish(answers_table(rows), final, storage)
     except OSError as e:
         raise OutputError(f"cannot write answers to {final}: {e}") from e
     return final
+
+
+def publish(table: pa.Table, final: str, storage: StorageConfig | None = None) -> None:
+    """Make ``final`` appear complete or not at all, locally or on object storage (shared by
+    every Parquet dataset mmrag writes: answers, metrics)."""
+    if is_local(final):
+        _publish(table, final)
+    else:
+        _publish_object(table, final, storage)
 
 
 def _polars_schema() -> pl.Schema:
     return pl.from_arrow(ANSWER_SCHEMA.empty_table()).schema
 
 
-def _has_files(root: str, storage: StorageConfig | None) -> bool:
+def has_dataset_files(root: str, storage: StorageConfig | None) -> bool:
     """Any visible ``run_date=*/*.parquet`` under ``root`` (a glob over none fails in Polars)."""
     if is_local(root):
         files = Path(root.removeprefix("file://")).glob("run_date=*/*.parquet")
@@ -196,7 +202,7 @@ def read_answers(out_root: str, storage: StorageConfig | None = None) -> pl.Lazy
     """
     root = f"{dataset_root(out_root)}/{ANSWERS_DIR}"
     hive = {"run_date": pl.Date}
-    if not _has_files(root, storage):
+    if not has_dataset_files(root, storage):
         return pl.LazyFrame(schema={**_polars_schema(), **hive})
     return pl.scan_parquet(
         f"{root}/**/*.parquet", hive_partitioning=True, hive_schema=hive,

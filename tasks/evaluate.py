@@ -27,7 +27,7 @@ from schemas.metrics import METRICS_DIR, METRICS_SCHEMA
 from schemas.queries import QUERY_PLAN_SCHEMA
 from tasks import answers
 from tasks.retrieve import Pinned, search_all
-from tasks.storage import StorageConfig, is_local, storage_options
+from tasks.storage import StorageConfig, storage_options
 
 KS = (1, 5, 10)
 DEPTH = max(KS)
@@ -278,10 +278,7 @@ def write_metrics(rows: list[dict], out_root: str, run_date: str, eval_id: str,
     re-running an ``eval_id`` replaces its file.  Returns the path."""
     final, table = metrics_path(out_root, run_date, eval_id), metrics_table(rows)
     try:
-        if is_local(final):
-            answers._publish(table, final)
-        else:
-            answers._publish_object(table, final, storage)
+        answers.publish(table, final, storage)
     except OSError as e:
         raise OSError(f"cannot write metrics to {final}: {e}") from e
     return final
@@ -292,7 +289,7 @@ def read_metrics(out_root: str, storage: StorageConfig | None = None) -> pl.Lazy
     versions read with nulls in the newer columns; no files yet → an empty frame."""
     root, hive = f"{answers.dataset_root(out_root)}/{METRICS_DIR}", {"run_date": pl.Date}
     schema = pl.from_arrow(METRICS_SCHEMA.empty_table()).schema
-    if not answers._has_files(root, storage):
+    if not answers.has_dataset_files(root, storage):
         return pl.LazyFrame(schema={**schema, **hive})
     return pl.scan_parquet(
         f"{root}/**/*.parquet", hive_partitioning=True, hive_schema=hive, schema=schema,
