@@ -7,7 +7,7 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-NAMES = ("ingest", "incremental", "retrieval", "generation")
+NAMES = ("ingest", "incremental", "retrieval", "hybrid", "generation")
 
 
 def main(argv: list[str]) -> None:
