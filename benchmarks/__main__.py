@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME...`` (ingest, incremental, retrieval, generation, all)."""
+"""``python -m benchmarks NAME...`` (ingest, incremental, retrieval, hybrid, generation, all)."""
 
 from __future__ import annotations
 
