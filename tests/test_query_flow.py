@@ -101,3 +101,35 @@ def test_engine_none_rerun_replaces_and_version_is_pinned(world):
     table = lancedb.connect(settings.db).open_table("images")
     table.checkout(first["table_version"])
     assert table.count_rows() == 24
+
+
+def test_query_with_a_lora_adapter_records_it(world, tmp_path):
+    """A LoRA adapter from mmrag finetune is applied by the transformers engine of the flow."""
+    from test_finetune import _write_dataset
+    from transformers import AutoProcessor
+
+    from tasks.finetune import FinetuneConfig, build_model, resolve_base, save, train
+    from tasks.instructions import load_split
+
+    base, _, settings, _ = world
+    model_dir = resolve_base("tiny", settings.cache_dir)
+    data = _write_dataset(tmp_path / "ds")
+    cfg = FinetuneConfig(base=model_dir, rank=4, alpha=8, max_steps=2, batch_size=2)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = build_model(cfg, model_dir, "cpu")
+    train(model, load_split(data, "train"), processor, data / "images", cfg, "cpu",
+          lambda *_: None)
+    adapter = str(save(model, processor, tmp_path / "adapter"))
+    tuned = settings.model_copy(update={"vlm_adapter": adapter})
+    summary = query_flow.fn(_queries(base, [{"query_id": "t", "text": "a street"}], "a.jsonl"),
+                            tuned, "run-lora", "2026-01-04")
+    row = _answers(tuned, "run-lora").row(0, named=True)
+    assert summary["errors"] == {} and row["error"] is None
+    assert row["generator"] == "transformers"
+    assert row["generator_model"] == f"{model_dir}+{adapter}"
+    broken = tmp_path / "broken"  # proves the engine really loads what vlm_adapter names
+    broken.mkdir()
+    with pytest.raises(Exception, match="adapter|config|broken"):
+        query_flow.fn(_queries(base, [{"query_id": "t", "text": "a street"}], "b.jsonl"),
+                      settings.model_copy(update={"vlm_adapter": str(broken)}), "run-broken",
+                      "2026-01-04")
