@@ -44,9 +44,11 @@ def register(app: typer.Typer) -> None:
             help="comma list of crop,resize,jpeg,jitter,combined,identity (default: first 5)")]
         = None,
     ) -> None:
-        """Recall@1/5/10 and MRR (text→image, image→image, hybrid, hybrid with an image,
-        ANN vs exact) per variant and city; answer checks; writes
-        out/metrics/run_date=…/{eval_id}.parquet."""
+        """Retrieval quality (recall@k, MRR) per search variant, plus answer checks.
+
+        Tasks: text→image, image→image, hybrid, hybrid with an image, ANN vs exact; overall
+        and per city. Writes out/metrics/run_date=…/{eval_id}.parquet.
+        """
         if out:
             cli._overrides["out"] = out
         settings = cli._settings()
