@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME...`` (ingest, incremental, retrieval, hybrid, generation, all)."""
+"""``python -m benchmarks NAME...`` (ingest, incremental, retrieval, hybrid, multiscale, generation, all)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-NAMES = ("ingest", "incremental", "retrieval", "hybrid", "generation")
+NAMES = ("ingest", "incremental", "retrieval", "hybrid", "multiscale", "generation")
 
 
 def main(argv: list[str]) -> None:
