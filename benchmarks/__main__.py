@@ -1,4 +1,5 @@
-"""``python -m benchmarks NAME...`` (ingest, incremental, retrieval, hybrid, multiscale, generation, all)."""
+"""``python -m benchmarks NAME...``: ingest, incremental, retrieval, hybrid, multiscale,
+generation, or all."""
 
 from __future__ import annotations
 
