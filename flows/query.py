@@ -22,7 +22,7 @@ from flows.common import run_id as new_run_id
 from mmrag.progress import progress
 from mmrag.settings import Settings
 from tasks import rag
-from tasks.answers import write_answers
+from tasks.answers import check_writable, write_answers
 from tasks.clip_model import TINY_WARNING, resolve_spec
 from tasks.generate import make_engine
 from tasks.queries import read_queries
@@ -85,6 +85,7 @@ def query_flow(queries: str, settings: Settings | None = None, run_id: str | Non
     run_id = run_id or new_run_id()
     run_date = run_date or datetime.now(UTC).date().isoformat()
     work = str(Path(settings.work_dir) / f"query-{run_id}")
+    check_writable(settings.out, run_date)
     plan_path = _call(plan_task, queries, settings, work)
     retrieved, stats = _call(retrieve_task, plan_path, settings, work)
     good = stats["queries"] - stats["bad_rows"] - stats["retrieve_errors"]

@@ -129,10 +129,12 @@ def query(
     settings = _settings()
     _prefect_defaults()
     from flows.query import query_flow
+    from tasks.answers import check_writable
     from tasks.queries import QueryFileError
     from tasks.store import StoreError
 
     try:
+        check_writable(settings.out, run_date)  # before Prefect starts: one line, no traceback
         summary = _run_flow(query_flow, queries, settings, run_id, run_date)
     except (QueryFileError, StoreError, ValueError, OSError) as e:
         _fatal(str(e))

@@ -169,6 +169,26 @@ def write_answers(rows: list[dict], out_root: str, run_date: str, run_id: str,
     return final
 
 
+def check_writable(out_root: str, run_date: str | None = None) -> None:
+    """Fail before any retrieval or generation, not after it, when answers cannot be written.
+
+    Local roots only: creates the partition folder and writes and removes a hidden probe file
+    there (object stores are checked by the final upload)."""
+    root = dataset_root(out_root)
+    if not is_local(root):
+        return
+    folder = Path(root.removeprefix("file://")) / ANSWERS_DIR
+    if run_date:
+        folder = folder / f"run_date={validate_run_date(run_date)}"
+    probe = folder / f".probe-{uuid.uuid4().hex}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write answers under {folder}: {e}") from e
+
+
 def publish(table: pa.Table, final: str, storage: StorageConfig | None = None) -> None:
     """Make ``final`` appear complete or not at all, locally or on object storage (shared by
     every Parquet dataset mmrag writes: answers, metrics)."""

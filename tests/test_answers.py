@@ -165,3 +165,18 @@ def test_a_killed_writers_old_temp_file_is_swept_on_the_next_write(tmp_path):
     write_answers([_row()], str(tmp_path), DATE, "run-1")
     assert not old.exists()  # this run's stale temp file is gone
     assert fresh.exists() and other.exists()  # a live writer's, and another run's, are kept
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    from tasks.answers import OutputError, check_writable
+
+    check_writable(str(tmp_path / "out"), DATE)
+    part = tmp_path / "out" / "answers" / f"run_date={DATE}"
+    assert part.is_dir() and list(part.iterdir()) == []  # the probe is gone
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot write answers under"):
+        check_writable(str(blocker / "out"), DATE)
+    check_writable("s3://bucket/out", DATE)  # object stores: checked by the upload itself
+    with pytest.raises(ValueError, match="run_date"):
+        check_writable(str(tmp_path / "out"), "yesterday")

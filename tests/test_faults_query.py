@@ -176,7 +176,7 @@ def test_read_only_output_location(world, tmp_path, monkeypatch):
         failed = cli(["query", queries, "--run-id", "ro", "--run-date", DATE, "--engine", "none",
                       "--out", str(out)], monkeypatch, **_env(settings))
         line = one_line_error(failed)
-        assert "cannot write answers to" in line
+        assert "cannot write answers under" in line  # refused before any retrieval
         assert "Read-only file system" in line or "Permission denied" in line
         assert _listing(str(out)) == (["ro.parquet"], [])
         assert (_partition(str(out)) / "ro.parquet").read_bytes() == before
