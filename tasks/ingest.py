@@ -66,7 +66,7 @@ def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
     if not _anything_new(listing, store.ledger(tables.files)):
         return IngestCounts(seen=listing.num_rows, unchanged=listing.num_rows)
     meta = load_metadata(filesystem, root, "" if is_local else source.split("://", 1)[0] + "://")
-    with store.writer_lock(db_uri, tables.images.name), store.write_errors(db_uri):
+    with store.writer_lock(db_uri, tables.images.name):
         plan = _plan_and_record(tables, listing, meta, uri_root, run_id)
     todo = plan.todo.filter(pl.col("escape").is_null())
     plan_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,12 +218,12 @@ def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dic
     stream = embed_files(todo.drop("escape").to_arrow(), spec, image_size=size,
                          storage=storage, **opts)
     for chunk in stream:
-        with store.writer_lock(db_uri, tables.images.name), store.write_errors(db_uri):
+        with store.writer_lock(db_uri, tables.images.name):
             counts += commit_chunk(tables, chunk, spec.label, run_id)
         if progress:
             progress(chunk.num_rows)
     old = todo["old_image_id"].drop_nulls().to_list()
-    with store.writer_lock(db_uri, tables.images.name), store.write_errors(db_uri):
+    with store.writer_lock(db_uri, tables.images.name):
         removed, built = finish(tables, old)
     log.info("indexes refreshed: %s", ", ".join(built) or "none")
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}

@@ -51,7 +51,8 @@ def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None
     """Serialise writers of one table: concurrent ``merge_insert`` of the same new keys from two
     processes creates duplicates (measured, STACK.md).  A file lock next to a local database;
     for a remote database the lock is per machine (use one writer host, or a Prefect
-    concurrency limit, across machines)."""
+    concurrency limit, across machines).  Write failures inside become one-line
+    ``StoreError``s (``write_errors``)."""
     from filelock import FileLock
 
     if "://" in db_uri and not db_uri.startswith("file://"):
@@ -61,7 +62,7 @@ def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None
     else:
         path = Path(db_uri.removeprefix("file://") + ".locks") / f"{table}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path), timeout=timeout):
+    with FileLock(str(path), timeout=timeout), write_errors(db_uri):
         yield
 
 
