@@ -202,16 +202,21 @@ def _polars_schema() -> pl.Schema:
     return pl.from_arrow(ANSWER_SCHEMA.empty_table()).schema
 
 
-def has_dataset_files(root: str, storage: StorageConfig | None) -> bool:
-    """Any visible ``run_date=*/*.parquet`` under ``root`` (a glob over none fails in Polars)."""
+def dataset_files(root: str, storage: StorageConfig | None = None) -> list[str]:
+    """The visible ``run_date=*/*.parquet`` files under ``root`` (temp/hidden ones skipped)."""
     if is_local(root):
         files = Path(root.removeprefix("file://")).glob("run_date=*/*.parquet")
-        return any(not f.name.startswith((".", "_")) for f in files)
+        return sorted(os.path.abspath(f) for f in files if not f.name.startswith((".", "_")))
     fs_, path = filesystem(root, storage)
     infos = fs_.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return any(i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-               and not i.base_name.startswith((".", "_"))
-               and i.path.rsplit("/", 2)[-2].startswith("run_date=") for i in infos)
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                  and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+                  and i.path.rsplit("/", 2)[-2].startswith("run_date="))
+
+
+def has_dataset_files(root: str, storage: StorageConfig | None) -> bool:
+    """Any file to scan (a glob over none fails in Polars)."""
+    return bool(dataset_files(root, storage))
 
 
 def read_answers(out_root: str, storage: StorageConfig | None = None) -> pl.LazyFrame:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from markupsafe import Markup, escape
-from pyarrow import fs as pafs
 
 from schemas.answers import ANSWERS_DIR
 from schemas.tables import FILES_TABLE, IMAGES_TABLE, SCORE_COLUMNS
-from tasks.answers import dataset_root, validate_run_id
+from tasks.answers import dataset_files, dataset_root, validate_run_id
 from tasks.report_boxes import boxes_by_target
 from tasks.report_images import Thumb, Thumbnailer, ledger_roots, png_data_uri
 from tasks.report_plots import score_heatmap, similarity_plots
@@ -39,10 +38,7 @@ def find_run(out: str, run_id: str, storage: StorageConfig | None = None) -> lis
     """``{out}/answers/run_date=*/{run_id}.parquet``, latest partition first."""
     name = validate_run_id(run_id) + ".parquet"
     root = f"{dataset_root(out)}/{ANSWERS_DIR}"
-    fs_, path = filesystem(root, storage)
-    infos = fs_.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    found = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name == name
-             and i.path.rsplit("/", 2)[-2].startswith("run_date=")]
+    found = [p for p in dataset_files(root, storage) if p.rsplit("/", 1)[-1] == name]
     if not found:
         raise RunNotFound(f"no answers for run {run_id!r} under {root}")
     return sorted(found, key=lambda p: p.rsplit("/", 2)[-2], reverse=True)
