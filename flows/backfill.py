@@ -30,7 +30,7 @@ from mmrag.progress import progress
 from mmrag.settings import Settings
 from schemas.tables import table_names, table_suffix
 from tasks import backfill, ingest, ingest_many, store
-from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
+from tasks.clip_model import TINY_WARNING, model_shape
 from tasks.embed import init_ray
 from tasks.storage import StorageConfig
 
@@ -42,8 +42,7 @@ def _storage(settings: Settings) -> StorageConfig:
 
 
 def _label(settings: Settings) -> str:
-    return resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales).label
+    return settings.resolve_clip().label
 
 
 def select_dumps(settings: Settings, roots: list[str] | None = None, root: str | None = None,
@@ -82,8 +81,7 @@ def plan_dump(dump: str, n: int, settings: Settings, run_id: str,
 def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
                 rec: backfill.Recorder) -> None:
     """The chunk's plans through one Ray Data pipeline; each dump recorded when it is done."""
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales)
+    spec = settings.resolve_clip()
     init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
     total = sum(p["planned"]["todo"] for p in plans.values())
 
@@ -106,8 +104,7 @@ def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
 
 def refresh_indexes(settings: Settings) -> list[str]:
     """Indexes are rebuilt once per chunk rather than once per dump."""
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales)
+    spec = settings.resolve_clip()
     tables = store.open_tables(settings.db, model_shape(spec)[0], spec.label,
                                settings.table_suffix, _storage(settings))
     with store.writer_lock(settings.db, tables.images.name):

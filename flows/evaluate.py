@@ -24,7 +24,7 @@ from mmrag.settings import Settings
 from tasks import answer_checks, evaluate
 from tasks.answers import validate_run_id
 from tasks.augment import KINDS
-from tasks.clip_model import TINY_WARNING, load_clip, model_shape, resolve_spec
+from tasks.clip_model import TINY_WARNING, load_clip, model_shape
 from tasks.labelled_set import labelled_queries, sample_images
 from tasks.retrieve import pin_images
 from tasks.storage import StorageConfig
@@ -32,15 +32,10 @@ from tasks.storage import StorageConfig
 HEADLINE = ("recall@1", "recall@5", "recall@10", "mrr")
 
 
-def spec_for(settings: Settings):
-    """The configured CLIP spec, with multi-scale zooms when the settings have them."""
-    scales = getattr(settings, "clip_scales", None)
-    return resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        *((scales,) if scales else ()))
 
 
 def _pin(settings: Settings, version: int | None = None):
-    spec = spec_for(settings)
+    spec = settings.resolve_clip()
     pinned = pin_images(settings.db, model_shape(spec)[0], spec.label, version,
                         settings.table_suffix, StorageConfig.from_settings(settings))
     return spec, pinned
@@ -164,7 +159,7 @@ def evaluate_flow(settings: Settings | None = None, sample: int = 100, seed: int
     began = time.perf_counter()
     eval_id = validate_run_id(eval_id or new_run_id())
     run_date = run_date or datetime.now(UTC).date().isoformat()
-    variants = variants or {"default": evaluate.base_opts(settings)}
+    variants = variants or {"default": settings.search_options()}
     work = str(Path(settings.work_dir) / f"evaluate-{eval_id}")
     parts, info = [], {"sampled": 0}
     if sample > 0:

@@ -20,7 +20,7 @@ from flows.common import run_id as _run_id
 from mmrag.progress import progress
 from mmrag.settings import Settings
 from tasks import ingest
-from tasks.clip_model import TINY_WARNING, model_shape, resolve_spec
+from tasks.clip_model import TINY_WARNING, model_shape
 from tasks.embed import init_ray
 from tasks.storage import StorageConfig
 
@@ -38,8 +38,7 @@ def embed_task(plan_path: str, total: int, settings: Settings, run_id: str) -> d
 def plan_source(source: str, settings: Settings, run_id: str,
                 plan_name: str = "plan.parquet") -> tuple[str, dict]:
     """List SOURCE and anti-join the ledger (no image bytes read); the plan goes to a file."""
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales)
+    spec = settings.resolve_clip()
     plan_path = Path(settings.work_dir) / run_id / plan_name
     counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
                             settings.table_suffix, StorageConfig.from_settings(settings))
@@ -60,8 +59,7 @@ def pipeline_opts(settings: Settings) -> dict:
 
 def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str) -> dict:
     """Run a plan through Ray (started once per process) and commit it chunk by chunk."""
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales)
+    spec = settings.resolve_clip()
     init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
     with progress(total, "ingest", _logger("mmrag.ingest")) as advance:
         counts = ingest.process(Path(plan_path), settings.db, spec, run_id,

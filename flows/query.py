@@ -23,7 +23,7 @@ from mmrag.progress import progress
 from mmrag.settings import Settings
 from tasks import rag
 from tasks.answers import check_writable, write_answers
-from tasks.clip_model import TINY_WARNING, resolve_spec
+from tasks.clip_model import TINY_WARNING
 from tasks.generate import make_engine
 from tasks.queries import read_queries
 from tasks.storage import StorageConfig
@@ -44,12 +44,10 @@ def plan_task(queries: str, settings: Settings, work: str) -> str:
 
 @task(name="retrieve", cache_policy=NO_CACHE)
 def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, dict]:
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales)
+    spec = settings.resolve_clip()
     out = Path(work) / "retrieved.parquet"
-    opts = {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor,
-            "rerank_weight": settings.rerank_weight, "rerank_depth": settings.rerank_depth}
-    stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels, opts,
+    stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels,
+                         settings.search_options(),
                          settings.table_suffix, StorageConfig.from_settings(settings))
     _logger("mmrag.query").info("retrieved at %s version %d: %s", settings.db,
                                 stats["table_version"], stats)

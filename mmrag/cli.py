@@ -106,12 +106,11 @@ def ingest(
 def _preflight(source: str, settings) -> None:
     """Fail in a second, before Prefect and Ray start, when SOURCE or the DB is unusable."""
     from tasks import store
-    from tasks.clip_model import model_shape, resolve_spec
+    from tasks.clip_model import model_shape
     from tasks.discover import open_source
 
     open_source(source)
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                        settings.clip_scales)
+    spec = settings.resolve_clip()
     store.open_tables(settings.db, model_shape(spec)[0], spec.label, settings.table_suffix)
 
 

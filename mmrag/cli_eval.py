@@ -74,15 +74,14 @@ def _run(cli, settings, params: dict, variant_specs: list[str], augment: str | N
 
 def _preflight(settings, params: dict, specs: list[str]) -> dict[str, dict]:
     """Fail in a second, before Prefect starts: bad variants/ids/dates, no table, no answers."""
-    from flows.evaluate import spec_for
     from tasks.answer_checks import load_answers
     from tasks.answers import validate_run_date, validate_run_id
     from tasks.clip_model import model_shape
-    from tasks.evaluate import base_opts, resolve_variants
+    from tasks.evaluate import resolve_variants
     from tasks.retrieve import pin_images
     from tasks.storage import StorageConfig
 
-    variants = resolve_variants(specs, base_opts(settings))
+    variants = resolve_variants(specs, settings.search_options())
     if params["eval_id"]:
         validate_run_id(params["eval_id"])
     if params["run_date"]:
@@ -91,7 +90,7 @@ def _preflight(settings, params: dict, specs: list[str]) -> dict[str, dict]:
         raise ValueError("--sample must be >= 0 and --max-answer-chars >= 1")
     storage = StorageConfig.from_settings(settings)
     if params["sample"] > 0 or params["clip_score"]:
-        spec = spec_for(settings)
+        spec = settings.resolve_clip()
         pin_images(settings.db, model_shape(spec)[0], spec.label, None, settings.table_suffix,
                    storage)
     if params["answers"]:

@@ -126,6 +126,17 @@ class Settings(BaseSettings):
             self.clip_pretrained or defaults["clip_pretrained"],
         )
 
+    def resolve_clip(self):
+        """The ``ClipSpec`` every stage builds its model from (tiny checkpoint built on demand)."""
+        from tasks.clip_model import resolve_spec
+
+        return resolve_spec(*self.clip_spec(), self.cache_dir, self.precision, self.clip_scales)
+
+    def search_options(self) -> dict:
+        """The knobs ``tasks.retrieve.search_all`` takes; query runs and evaluations share them."""
+        return {"nprobes": self.nprobes, "refine_factor": self.refine_factor,
+                "rerank_weight": self.rerank_weight, "rerank_depth": self.rerank_depth}
+
     def index_policy(self):
         from tasks.store import IndexPolicy
 

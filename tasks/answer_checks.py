@@ -24,7 +24,6 @@ from tasks import store
 from tasks.answers import read_answers, validate_run_id
 from tasks.clip_model import Clip
 from tasks.decode import Rejected, decode, read_bytes
-from tasks.labelled_set import decode_size
 from tasks.prompts import parse_citations
 from tasks.storage import StorageConfig, is_local, storage_options
 
@@ -145,7 +144,7 @@ def _embed_images(images, ids: list[str], clip: Clip, max_pixels: int,
     batch: list[tuple[str, np.ndarray]] = []
     for n, (image_id, uri) in enumerate(sorted(uris.items()), 1):
         with contextlib.suppress(Rejected):  # counted by the caller as clip_score_missing
-            batch.append((image_id, decode(read_bytes(uri, storage), decode_size(clip),
+            batch.append((image_id, decode(read_bytes(uri, storage), clip.input_size,
                                            max_pixels)[0]))
         if batch and (len(batch) == 32 or n == len(uris)):
             encoded = clip.encode_pixels(np.stack([p for _, p in batch]))

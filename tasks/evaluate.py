@@ -77,15 +77,6 @@ def _check(ranked: Sequence, other: Sequence, k: int) -> None:
 # --- variants: named search options ---------------------------------------------------------
 
 
-SEARCH_SETTINGS = ("nprobes", "refine_factor", "rerank_weight", "rerank_depth")
-
-
-def base_opts(settings) -> dict:
-    """The search options ``mmrag query`` uses (those these settings have); every variant
-    starts from them."""
-    return {k: getattr(settings, k) for k in SEARCH_SETTINGS if hasattr(settings, k)}
-
-
 def parse_variant(spec: str) -> tuple[str, dict]:
     """``name=key:value,key:value`` → (name, options); values become int, float, bool or None
     (``none``/``null``/``off``) when they parse as such, else stay strings."""

@@ -179,12 +179,10 @@ def read_images(db_uri: str, table: str,
 
 def images_table(settings) -> str:
     """The table the query flow searches for these settings (same rule as ``pin_images``)."""
-    from tasks.clip_model import resolve_spec
 
     suffix = settings.table_suffix
     if suffix is None:
-        spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision,
-                            settings.clip_scales)
+        spec = settings.resolve_clip()
         suffix = table_suffix(spec.label)
     return table_names(suffix)[0]
 

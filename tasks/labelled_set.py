@@ -119,7 +119,7 @@ def image_queries(clip: Clip, sample: pl.DataFrame, kinds: Sequence[str], seed: 
                 continue
             try:
                 copy = augment(data, kind, seed, r["image_id"], max_pixels)
-                pending.append((group, decode(copy, decode_size(clip), max_pixels)[0]))
+                pending.append((group, decode(copy, clip.input_size, max_pixels)[0]))
             except Rejected as e:
                 for row in group:
                     row["error"] = f"augmented copy rejected ({e.stage}): {e.error}"
@@ -149,11 +149,6 @@ def _source(row: dict, storage: StorageConfig | None) -> tuple[bytes | None, str
     if sha256(data) != row["image_id"]:
         return None, "source file changed since it was ingested"
     return data, None
-
-
-def decode_size(clip: Clip) -> int:
-    """Pixels per side the model's image path expects (larger for multi-scale models)."""
-    return int(getattr(clip, "input_size", clip.image_size))
 
 
 def _embed(clip: Clip, pending: list[tuple[list[dict], np.ndarray]]) -> None:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.evaluate import headline, spec_for
+from flows.evaluate import headline
 from schemas.metrics import METRICS_SCHEMA, SCHEMA_VERSION
 from schemas.tables import images_schema
 from tasks import store
@@ -47,7 +47,7 @@ from tasks.evaluate import (
     vector_index,
     write_metrics,
 )
-from tasks.labelled_set import decode_size, labelled_queries, sample_images
+from tasks.labelled_set import labelled_queries, sample_images
 from tasks.retrieve import pin_images
 
 UNIQUE = "qwertyzebra plumbusfjord"
@@ -74,14 +74,14 @@ def world(tmp_path_factory, cache_dir):
     base = tmp_path_factory.mktemp("evaluate")
     settings = Settings(db=str(base / "db"), profile="tiny", cache_dir=str(cache_dir),
                         work_dir=str(base / "work"), out=str(base / "out"))
-    spec = spec_for(settings)
+    spec = settings.resolve_clip()
     clip = load_clip(spec)
     (base / "dump").mkdir()
     rows, vectors = [], []
     for i, caption in enumerate(CAPTIONS):
         data, path = _photo(i), base / "dump" / f"img{i:02d}.jpg"
         path.write_bytes(data)
-        pixels = decode(data, decode_size(clip), settings.max_image_pixels)[0]
+        pixels = decode(data, clip.input_size, settings.max_image_pixels)[0]
         vectors.append(clip.encode_pixels(np.stack([pixels]))[0])
         rows.append({"image_id": hashlib.sha256(data).hexdigest(), "source_uri": str(path),
                      "rel_path": path.name, "file_name": path.name, "caption": caption,

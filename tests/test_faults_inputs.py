@@ -40,10 +40,10 @@ def test_listing_survives_and_flags_non_utf8_names(tmp_path):
 def test_non_utf8_names_are_rejected_once_with_a_reason(tmp_path, settings):
     """Planning (no image bytes read, no Ray) records them; planning again adds nothing."""
     from tasks import ingest
-    from tasks.clip_model import model_shape, resolve_spec
+    from tasks.clip_model import model_shape
 
     dump = make_fault_dump(tmp_path / "dump", 3)
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    spec = settings.resolve_clip()
     dim = model_shape(spec)[0]
     for attempt in range(2):
         plan = tmp_path / f"plan{attempt}.parquet"

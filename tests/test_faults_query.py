@@ -187,7 +187,7 @@ def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     """Two ingests of the same new files and a query, released together: no duplicates, the
     tables equal one ingest's, and the query's table_version reproduces what it retrieved."""
     from mmrag.settings import Settings
-    from tasks.clip_model import load_clip, model_shape, resolve_spec
+    from tasks.clip_model import load_clip, model_shape
     from tasks.retrieve import embed_queries, pin_images, search_all
     from tasks.sample_dump import generate_sample_dump
 
@@ -227,7 +227,7 @@ def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     assert len(version) == 1 and version[0] > start_version  # pinned after ingest commits
     table = lancedb.connect(settings.db).open_table("images")
     assert version[0] in {v["version"] for v in table.list_versions()}
-    spec = resolve_spec(*settings.clip_spec(), settings.cache_dir, settings.precision)
+    spec = settings.resolve_clip()
     pinned = pin_images(settings.db, model_shape(spec)[0], spec.label, version=version[0])
     plan = pl.read_parquet(Path(settings.work_dir) / "query-during" / "queries.parquet")
     vectors, errors = embed_queries(plan, load_clip(spec), settings.max_image_pixels)

@@ -78,8 +78,7 @@ def test_multiscale_ingest_and_image_query_end_to_end(tmp_path, sample_dump, set
                                      "query_image_roots": [str(dump)]})
     ingest_flow.fn(str(dump), ms)
     db = lancedb.connect(ms.db)
-    name = table_names(table_suffix(resolve_spec(*ms.clip_spec(), ms.cache_dir,
-                                                 scales=ms.clip_scales).label))[0]
+    name = table_names(table_suffix(ms.resolve_clip().label))[0]
     images = db.open_table(name).to_polars().collect()
     assert images.height == 24 and images["clip_model"].str.ends_with("@ms1+2").all()
     photo = images["source_uri"][5]
