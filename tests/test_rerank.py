@@ -58,7 +58,7 @@ def _search(pinned, opts: dict, top_k: int = 3) -> list[str]:
     return [h["image_id"] for h in hits[0]]
 
 
-def test_without_rerank_the_text_hit_leads(pinned):
+def test_without_rerank_the_text_hit_is_fused_in(pinned):
     assert "img0" in _search(pinned, {})  # a full-text hit fused in by RRF
 
 
