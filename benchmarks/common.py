@@ -27,7 +27,7 @@ def hardware() -> str:
 
 def sample_dump(n: int, seed: int = 0) -> Path:
     """A cached generated dump of ``n`` 640×480 JPEGs."""
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     root = BENCH_DIR / f"dump-{n}-{seed}"
     if not (root / "metadata.json").exists():

@@ -17,8 +17,8 @@ N, BATCH, TOKENS = 32, 8, 32
 def main() -> None:
     from PIL import Image
 
-    from tasks.generate import GenRequest, make_engine
-    from tasks.tiny_llava import ensure_tiny_llava
+    from tasks.models.engines import EngineConfig, GenRequest, make_engine
+    from tasks.models.tiny_llava import ensure_tiny_llava
 
     name = os.environ.get("MMRAG_ENGINE", "transformers")
     model = os.environ.get("MMRAG_VLM_MODEL") or str(ensure_tiny_llava(BENCH_DIR / "models"))
@@ -27,7 +27,7 @@ def main() -> None:
                 for i in range(N)]
     rates = {}
     for label, batch in (("one_at_a_time", 1), ("batched", BATCH)):
-        engine = make_engine(name, model, max_new_tokens=TOKENS, batch_size=batch)
+        engine = make_engine(EngineConfig(name, model, max_new_tokens=TOKENS, batch_size=batch))
         engine.generate(requests[:2])
         start = time.perf_counter()
         results = engine.generate(requests)

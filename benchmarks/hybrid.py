@@ -48,7 +48,7 @@ def images_table(n: int):
 
 
 def run(table, vectors: np.ndarray, texts: list[str], opts: dict) -> tuple[float, dict]:
-    from tasks.retrieve import Pinned, search_all
+    from tasks.query.retrieve import Pinned, search_all
 
     plan = pl.DataFrame({"mode": "hybrid", "text": texts, "where": None, "top_k": TOP_K,
                          "error": None}, schema_overrides={"where": pl.String,

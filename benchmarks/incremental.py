@@ -30,7 +30,7 @@ print("RESULT " + json.dumps(summary))
 
 
 def dump(n: int):
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     root = BENCH_DIR / f"dump-small-{n}"
     if not (root / "metadata.json").exists():

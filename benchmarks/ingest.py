@@ -46,8 +46,8 @@ def model_bound(files: list[Path], ckpt: str) -> float:
     """Batched encode_image on pre-decoded tensors: the model alone, same batch size."""
     import torch
 
-    from tasks.clip_model import ClipSpec, load_clip
-    from tasks.decode import decode
+    from tasks.io.images import decode
+    from tasks.models.clip import ClipSpec, load_clip
 
     clip = load_clip(ClipSpec("ViT-B-32", ckpt, precision="auto"))
     pixels = np.stack([decode(p.read_bytes(), 224, 10**9)[0] for p in files])
@@ -73,11 +73,11 @@ def pipeline(dump: Path, ckpt: str, **overrides) -> tuple[float, dict]:
 
 
 def main() -> None:
-    from tasks.embed import init_ray
+    from tasks.io.cluster import RayConfig, init_ray
 
     ckpt, dump = vit_b32_checkpoint(), sample_dump(N_IMAGES)
     files = sorted((dump / "images").rglob("*.JPG"))
-    init_ray(None, None, str(Path(tempfile.gettempdir()) / "bench-ray"))
+    init_ray(RayConfig(temp_dir=str(Path(tempfile.gettempdir()) / "bench-ray")))
     configs = {
         "1 actor x 2 threads": dict(embed_actors=1, embed_threads=2),
         "2 actors x 1 thread": dict(embed_actors=2, embed_threads=1, embed_actor_cpus=0.75,

@@ -17,7 +17,7 @@ BATCH, ROUNDS = 64, 3
 
 
 def throughput(scales: tuple[float, ...], ckpt: str) -> float:
-    from tasks.clip_model import ClipSpec, load_clip
+    from tasks.models.clip import ClipSpec, load_clip
 
     clip = load_clip(ClipSpec("ViT-B-32", ckpt, precision="auto", scales=scales))
     rng = np.random.default_rng(0)

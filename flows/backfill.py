@@ -2,7 +2,7 @@
 
 Each chunk is one Prefect task: it plans its dumps one by one with the ingest flow's own
 ``plan_source`` (listing + ledger anti-join), then streams all their plans through one Ray
-Data pipeline (``tasks.ingest_many``): Ray starts once per run, the CLIP actor pool once per
+Data pipeline (``tasks.ingest.backfill_run``): Ray starts once per run, the CLIP actor pool once per
 chunk.  When a dump's last file is committed a ``backfills`` row says so; re-running the same
 backfill id skips the dumps already ``done``, and the ``files`` ledger makes a half-done dump
 resume where it stopped.  Another CLIP model is just another backfill into its own tables.
@@ -17,32 +17,32 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import config
 from flows.common import call as _call
 from flows.common import in_flow_run as _in_flow_run
 from flows.common import logger as _logger
 from flows.common import run_id as _run_id
-from flows.ingest import (
-    merge_counts,
-    pipeline_opts,
-    plan_source,
-)
-from mmrag.progress import progress
+from flows.ingest import merge_counts, plan_source
+from flows.progress import progress
 from mmrag.settings import Settings
 from schemas.tables import table_names, table_suffix
-from tasks import backfill, ingest, ingest_many, store
-from tasks.clip_model import TINY_WARNING, model_shape
-from tasks.embed import init_ray
-from tasks.storage import StorageConfig
+from tasks.ingest import backfill
+from tasks.ingest import backfill_run as ingest_many
+from tasks.ingest import run as ingest
+from tasks.io import store
+from tasks.io.cluster import init_ray
+from tasks.io.objstore import StorageConfig
+from tasks.models.clip import TINY_WARNING, model_shape
 
 _TOTALS = ("seen", "ingested", "duplicates", "rejected")
 
 
 def _storage(settings: Settings) -> StorageConfig:
-    return StorageConfig.from_settings(settings)
+    return config.storage(settings)
 
 
 def _label(settings: Settings) -> str:
-    return settings.resolve_clip().label
+    return config.clip_spec(settings).label
 
 
 def select_dumps(settings: Settings, roots: list[str] | None = None, root: str | None = None,
@@ -81,8 +81,8 @@ def plan_dump(dump: str, n: int, settings: Settings, run_id: str,
 def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
                 rec: backfill.Recorder) -> None:
     """The chunk's plans through one Ray Data pipeline; each dump recorded when it is done."""
-    spec = settings.resolve_clip()
-    init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
+    spec = config.clip_spec(settings)
+    init_ray(config.ray(settings))
     total = sum(p["planned"]["todo"] for p in plans.values())
 
     def finished(dump: str, done: dict) -> None:
@@ -91,7 +91,7 @@ def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
     try:
         with progress(total, "backfill chunk", _logger()) as advance:
             ingest_many.process_plans({d: p["path"] for d, p in plans.items()}, settings.db,
-                                      spec, run_id, pipeline_opts(settings), finished,
+                                      spec, run_id, config.pipeline_opts(settings), finished,
                                       settings.table_suffix, _storage(settings), advance)
     except store.StoreError:
         raise
@@ -104,11 +104,11 @@ def embed_plans(plans: dict[str, dict], settings: Settings, run_id: str,
 
 def refresh_indexes(settings: Settings) -> list[str]:
     """Indexes are rebuilt once per chunk rather than once per dump."""
-    spec = settings.resolve_clip()
+    spec = config.clip_spec(settings)
     tables = store.open_tables(settings.db, model_shape(spec)[0], spec.label,
                                settings.table_suffix, _storage(settings))
     with store.writer_lock(settings.db, tables.images.name):
-        return store.refresh_indexes(ingest.latest(tables))
+        return store.refresh_indexes(ingest.latest(tables), config.index_policy(settings))
 
 
 @task(name="backfill-chunk", task_run_name="chunk-{index}", cache_policy=NO_CACHE)

@@ -16,18 +16,19 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import config
 from flows.common import call as _call
 from flows.common import in_flow_run as _in_flow_run
 from flows.common import logger as _logger
 from flows.common import run_id as new_run_id
 from mmrag.settings import Settings
-from tasks import answer_checks, evaluate
-from tasks.answers import validate_run_id
-from tasks.augment import KINDS
-from tasks.clip_model import TINY_WARNING, load_clip, model_shape
-from tasks.labelled_set import labelled_queries, sample_images
-from tasks.retrieve import pin_images
-from tasks.storage import StorageConfig
+from tasks.evaluate import answer_checks
+from tasks.evaluate import retrieval as evaluate
+from tasks.evaluate.augment import KINDS
+from tasks.evaluate.labelled_set import labelled_queries, sample_images
+from tasks.io.answers import validate_run_id
+from tasks.models.clip import TINY_WARNING, load_clip, model_shape
+from tasks.query.retrieve import pin_images
 
 HEADLINE = ("recall@1", "recall@5", "recall@10", "mrr")
 
@@ -35,9 +36,9 @@ HEADLINE = ("recall@1", "recall@5", "recall@10", "mrr")
 
 
 def _pin(settings: Settings, version: int | None = None):
-    spec = settings.resolve_clip()
+    spec = config.clip_spec(settings)
     pinned = pin_images(settings.db, model_shape(spec)[0], spec.label, version,
-                        settings.table_suffix, StorageConfig.from_settings(settings))
+                        settings.table_suffix, config.storage(settings))
     return spec, pinned
 
 
@@ -50,7 +51,7 @@ def labelled_task(settings: Settings, sample: int, seed: int, kinds: list[str],
         _logger("mmrag.evaluate").warning("%s version %d is empty: no retrieval metrics",
                                           pinned.name, pinned.version)
     queries = labelled_queries(pinned, load_clip(spec), chosen, kinds, seed,
-                               settings.max_image_pixels, StorageConfig.from_settings(settings))
+                               settings.max_image_pixels, config.storage(settings))
     path = Path(work) / "labelled.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     queries.write_parquet(path)
@@ -72,7 +73,7 @@ def retrieval_task(labelled: str, settings: Settings, variants: dict[str, dict],
 @task(name="eval-answers", cache_policy=NO_CACHE)
 def answers_task(ref: str, settings: Settings, max_chars: int, clip_score: bool,
                  work: str) -> str:
-    storage = StorageConfig.from_settings(settings)
+    storage = config.storage(settings)
     frame = answer_checks.load_answers(ref, settings.out, storage)
     rows = answer_checks.answer_checks(frame, max_chars)
     if clip_score:
@@ -96,7 +97,7 @@ def write_task(parts: list[str], settings: Settings, eval_id: str, run_date: str
     rows = [r | extra | {"eval_id": eval_id, "created_at": created}
             for part in parts for r in pl.read_parquet(part).to_dicts()]
     path = evaluate.write_metrics(rows, settings.out, run_date, eval_id,
-                                  StorageConfig.from_settings(settings))
+                                  config.storage(settings))
     return path, rows
 
 
@@ -159,7 +160,7 @@ def evaluate_flow(settings: Settings | None = None, sample: int = 100, seed: int
     began = time.perf_counter()
     eval_id = validate_run_id(eval_id or new_run_id())
     run_date = run_date or datetime.now(UTC).date().isoformat()
-    variants = variants or {"default": settings.search_options()}
+    variants = variants or {"default": config.search_options(settings)}
     work = str(Path(settings.work_dir) / f"evaluate-{eval_id}")
     parts, info = [], {"sampled": 0}
     if sample > 0:

@@ -15,22 +15,23 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import config
 from flows.common import call as _call
 from flows.common import in_flow_run as _in_flow_run
 from flows.common import logger as _logger
 from mmrag.settings import Settings
-from tasks.finetune import FinetuneConfig, finetune
-from tasks.instruction_answers import select_answers
-from tasks.instructions import ExportOptions, export_instructions, images_table
-from tasks.storage import StorageConfig
+from tasks.adapt.answer_records import select_answers
+from tasks.adapt.export import export_instructions
+from tasks.adapt.finetune import FinetuneConfig, finetune
+from tasks.adapt.options import ExportOptions
 
 
 @task(name="export-instructions", cache_policy=NO_CACHE)
 def export_task(settings: Settings, dataset_dir: str, options: dict, answers: list[str],
                 reviewed: str | None) -> dict:
-    storage = StorageConfig.from_settings(settings)
+    storage = config.storage(settings)
     frame = select_answers(settings.out, answers, reviewed, storage) if answers else None
-    return export_instructions(settings.db, images_table(settings), dataset_dir,
+    return export_instructions(settings.db, config.images_table(settings), dataset_dir,
                                ExportOptions(**options), frame, storage)
 
 

@@ -6,23 +6,22 @@ inside one coarse task (Prefect orchestrates, Ray distributes).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import config
 from flows.common import call as _call
 from flows.common import in_flow_run as _in_flow_run
 from flows.common import logger as _logger
 from flows.common import run_id as _run_id
-from mmrag.progress import progress
+from flows.progress import progress
 from mmrag.settings import Settings
-from tasks import ingest
-from tasks.clip_model import TINY_WARNING, model_shape
-from tasks.embed import init_ray
-from tasks.storage import StorageConfig
+from tasks.ingest import run as ingest
+from tasks.io.cluster import init_ray
+from tasks.models.clip import TINY_WARNING, model_shape
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -38,33 +37,24 @@ def embed_task(plan_path: str, total: int, settings: Settings, run_id: str) -> d
 def plan_source(source: str, settings: Settings, run_id: str,
                 plan_name: str = "plan.parquet") -> tuple[str, dict]:
     """List SOURCE and anti-join the ledger (no image bytes read); the plan goes to a file."""
-    spec = settings.resolve_clip()
+    spec = config.clip_spec(settings)
     plan_path = Path(settings.work_dir) / run_id / plan_name
     counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
-                            settings.table_suffix, StorageConfig.from_settings(settings))
+                            settings.table_suffix, config.storage(settings))
     _logger("mmrag.ingest").info("%s: seen %d files, %d unchanged, %d to read", source, counts.seen,
                    counts.unchanged, counts.todo)
     return str(plan_path), counts.as_dict()
 
 
-def pipeline_opts(settings: Settings) -> dict:
-    """The Ray Data pipeline's knobs, from settings."""
-    return dict(max_pixels=settings.max_image_pixels, batch_size=settings.batch_size,
-                decode_batch_size=settings.decode_batch_size, actors=settings.embed_actors,
-                actor_cpus=settings.embed_actor_cpus, decode_cpus=settings.decode_cpus,
-                threads=settings.embed_threads or max(1, (settings.ray_num_cpus or os.cpu_count()
-                                                          or 1) // settings.embed_actors),
-                out_rows=settings.commit_rows)
-
-
 def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str) -> dict:
     """Run a plan through Ray (started once per process) and commit it chunk by chunk."""
-    spec = settings.resolve_clip()
-    init_ray(settings.ray_address, settings.ray_num_cpus, str(Path(settings.cache_dir) / "ray"))
+    spec = config.clip_spec(settings)
+    init_ray(config.ray(settings))
     with progress(total, "ingest", _logger("mmrag.ingest")) as advance:
         counts = ingest.process(Path(plan_path), settings.db, spec, run_id,
-                                pipeline_opts(settings), advance, settings.table_suffix,
-                                storage=StorageConfig.from_settings(settings))
+                                config.pipeline_opts(settings), advance, settings.table_suffix,
+                                storage=config.storage(settings),
+                                policy=config.index_policy(settings))
     return counts.as_dict()
 
 

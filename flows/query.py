@@ -15,18 +15,18 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import config
 from flows.common import call as _call
 from flows.common import in_flow_run as _in_flow_run
 from flows.common import logger as _logger
 from flows.common import run_id as new_run_id
-from mmrag.progress import progress
+from flows.progress import progress
 from mmrag.settings import Settings
-from tasks import rag
-from tasks.answers import check_writable, write_answers
-from tasks.clip_model import TINY_WARNING
-from tasks.generate import make_engine
-from tasks.queries import read_queries
-from tasks.storage import StorageConfig
+from tasks.io.answers import check_writable, write_answers
+from tasks.models.clip import TINY_WARNING
+from tasks.models.engines import make_engine
+from tasks.query import run as rag
+from tasks.query.queries import read_queries
 
 
 @task(name="read-queries", cache_policy=NO_CACHE)
@@ -44,11 +44,11 @@ def plan_task(queries: str, settings: Settings, work: str) -> str:
 
 @task(name="retrieve", cache_policy=NO_CACHE)
 def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, dict]:
-    spec = settings.resolve_clip()
+    spec = config.clip_spec(settings)
     out = Path(work) / "retrieved.parquet"
     stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels,
-                         settings.search_options(),
-                         settings.table_suffix, StorageConfig.from_settings(settings))
+                         config.search_options(settings),
+                         settings.table_suffix, config.storage(settings))
     _logger("mmrag.query").info("retrieved at %s version %d: %s", settings.db,
                                 stats["table_version"], stats)
     return str(out), stats
@@ -57,13 +57,12 @@ def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, d
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(retrieved: str, settings: Settings, run_id: str, run_date: str,
                   total: int) -> tuple[str, dict]:
-    name, model = rag.resolve_engine(*settings.vlm_spec(), settings.cache_dir)
-    engine = make_engine(name, model, max_new_tokens=settings.max_new_tokens,
-                         temperature=settings.temperature, batch_size=settings.gen_batch_size,
-                         adapter=settings.vlm_adapter)
+    engine_config = config.engine_config(settings)
+    engine = make_engine(engine_config)
+    name, model = engine_config.name, engine_config.model
     if settings.vlm_adapter and name != "none":  # answers record which adapter spoke
         model = f"{model}+{settings.vlm_adapter}"
-    storage = StorageConfig.from_settings(settings)
+    storage = config.storage(settings)
     with progress(total, "generate", _logger("mmrag.query")) as advance:
         rows = rag.respond(Path(retrieved), engine, name, model, run_id,
                            settings.max_image_pixels, settings.gen_batch_size, advance, storage)

@@ -13,7 +13,7 @@ import polars as pl
 
 def answers(out: str) -> pl.LazyFrame:
     """Every run, whatever its schema version (older files read with nulls)."""
-    from tasks.answers import read_answers
+    from tasks.io.answers import read_answers
 
     return read_answers(out)
 

@@ -1,8 +1,9 @@
 """One place for every option: defaults, ``MMRAG_*`` environment variables, CLI overrides.
 
-Profiles choose the model defaults: ``default`` is real ViT-B-32 weights, ``tiny`` a locally
-built random-weight model for offline runs, tests and CI.  Anything set explicitly wins over
-the profile.
+A leaf: it imports nothing of the project.  Flows turn it into the typed configs the stages
+take (``flows.config``).  Profiles choose the model defaults: ``default`` is real ViT-B-32
+weights, ``tiny`` a locally built random-weight model for offline runs, tests and CI.  Anything
+set explicitly wins over the profile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
     "tiny": {"clip_model": "mmrag-tiny-clip", "clip_pretrained": "tiny",
              "engine": "transformers", "vlm_model": "tiny"},
 }
+
+
+def normalise_endpoint(endpoint: str | None, allow_http: bool) -> str | None:
+    """``host:port`` or ``http(s)://host:port`` → a full URL; plain HTTP only when allowed."""
+    endpoint = (endpoint or "").strip().rstrip("/")
+    if not endpoint:
+        return None
+    if "://" not in endpoint:
+        endpoint = f"{'http' if allow_http else 'https'}://{endpoint}"
+    scheme = endpoint.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"S3 endpoint {endpoint!r}: expected http(s)://host[:port]")
+    if scheme == "http" and not allow_http:
+        raise ValueError(
+            f"S3 endpoint {endpoint!r} is plain HTTP: set MMRAG_S3_ALLOW_HTTP=true "
+            "(meant for a loopback or test server) or use https://"
+        )
+    return endpoint
 
 
 def _default_cache() -> str:
@@ -113,8 +132,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_storage(self) -> Settings:
         """An http:// endpoint without s3_allow_http fails here, not mid-run."""
-        from tasks.storage import normalise_endpoint
-
         normalise_endpoint(self.s3_endpoint, self.s3_allow_http)
         return self
 
@@ -125,22 +142,6 @@ class Settings(BaseSettings):
             self.clip_model or defaults["clip_model"],
             self.clip_pretrained or defaults["clip_pretrained"],
         )
-
-    def resolve_clip(self):
-        """The ``ClipSpec`` every stage builds its model from (tiny checkpoint built on demand)."""
-        from tasks.clip_model import resolve_spec
-
-        return resolve_spec(*self.clip_spec(), self.cache_dir, self.precision, self.clip_scales)
-
-    def search_options(self) -> dict:
-        """The knobs ``tasks.retrieve.search_all`` takes; query runs and evaluations share them."""
-        return {"nprobes": self.nprobes, "refine_factor": self.refine_factor,
-                "rerank_weight": self.rerank_weight, "rerank_depth": self.rerank_depth}
-
-    def index_policy(self):
-        from tasks.store import IndexPolicy
-
-        return IndexPolicy(self.ann_min_rows, self.ann_index, self.version_retention_days)
 
     def vlm_spec(self) -> tuple[str, str]:
         """(engine, model) after applying profile defaults."""

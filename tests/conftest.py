@@ -29,9 +29,9 @@ def ray_session(cache_dir):
     """One local Ray for the whole session (4–9 s to start)."""
     import ray
 
-    from tasks.embed import init_ray
+    from tasks.io.cluster import RayConfig, init_ray
 
-    init_ray(None, 2, str(cache_dir / "ray"))
+    init_ray(RayConfig(None, 2, str(cache_dir / "ray")))
     yield ray
     ray.shutdown()
 
@@ -48,7 +48,7 @@ def settings(tmp_path, cache_dir):
 @pytest.fixture(scope="session")
 def sample_dump(tmp_path_factory) -> Path:
     """A read-only 24-image sample dump (copy it before changing it)."""
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     root = tmp_path_factory.mktemp("dump") / "pp"
     generate_sample_dump(root, 24, seed=1)

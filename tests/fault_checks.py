@@ -32,7 +32,7 @@ PLAN_REJECTS = 2
 def make_fault_dump(root: Path, n: int, seed: int = 5) -> Path:
     """n small JPEGs, a byte-identical copy of the first (a duplicate), a truncated JPEG, and
     two good JPEGs whose names are not UTF-8 (a Latin-1 file name and a Latin-1 folder)."""
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     records = generate_sample_dump(root, n, seed=seed, size=(320, 240))
     first = root / records[0]["Relative Path"].replace("\\", "/")
@@ -137,12 +137,11 @@ def cli(args: list[str], monkeypatch, **env: str):
     traceback instead of a clean exit fails the test."""
     from typer.testing import CliRunner
 
-    import mmrag.cli
+    from mmrag.cli import app
 
-    monkeypatch.setattr(mmrag.cli, "_overrides", {})
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return CliRunner().invoke(mmrag.cli.app, args, catch_exceptions=False)
+    return CliRunner().invoke(app, args, catch_exceptions=False)
 
 
 def one_line_error(result) -> str:

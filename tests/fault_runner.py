@@ -35,9 +35,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import tasks.embed  # noqa: E402
-import tasks.ingest  # noqa: E402
-from tasks.decode import decode_batch as _real_decode  # noqa: E402
+import tasks.ingest.pipeline  # noqa: E402
+import tasks.ingest.run  # noqa: E402
+from tasks.io.images import decode_batch as _real_decode  # noqa: E402
 
 STATE: dict = {"driver": os.getpid(), "counter": "", "n": 0, "poison": ""}
 
@@ -79,7 +79,7 @@ def decode_dies_on_poison(batch, **kw):
     return _real_decode(batch, **kw)
 
 
-class EmbedThenKillDriver(tasks.embed.ClipEmbedder):
+class EmbedThenKillDriver(tasks.ingest.pipeline.ClipEmbedder):
     def __call__(self, batch):
         out = super().__call__(batch)
         if nth_call():
@@ -87,7 +87,7 @@ class EmbedThenKillDriver(tasks.embed.ClipEmbedder):
         return out
 
 
-class EmbedDies(tasks.embed.ClipEmbedder):
+class EmbedDies(tasks.ingest.pipeline.ClipEmbedder):
     """The CLIP actor's own process dies in the middle of its N-th batch."""
 
     def __call__(self, batch):
@@ -119,18 +119,18 @@ def _during_images_add(tables) -> None:
 def _before_ledger(_tables) -> None:
     def killing_upsert(files, table):
         os.kill(os.getpid(), signal.SIGKILL)
-    tasks.ingest.store.upsert_files = killing_upsert
+    tasks.ingest.run.store.upsert_files = killing_upsert
 
 
 def _on_nth_commit(arm) -> None:
     """Wrap ``commit_chunk``: on the N-th commit, ``arm(tables)`` plants the kill first."""
-    real = tasks.ingest.commit_chunk
+    real = tasks.ingest.run.commit_chunk
 
     def commit(tables, chunk, clip_label, run_id):
         if nth_call():
             arm(tables)
         return real(tables, chunk, clip_label, run_id)
-    tasks.ingest.commit_chunk = commit
+    tasks.ingest.run.commit_chunk = commit
 
 
 _RAY_FAULTS = {"decode": ("decode_batch", decode_then_kill_driver),
@@ -146,7 +146,7 @@ def install(fault: str, n: int, counter: str, poison: str = "", patch=setattr) -
     STATE.update(driver=os.getpid(), counter=counter, n=n, poison=poison)
     if fault in _RAY_FAULTS:
         name, replacement = _RAY_FAULTS[fault]
-        patch(tasks.embed, name, replacement)
+        patch(tasks.ingest.pipeline, name, replacement)
     elif fault == "write":
         _on_nth_commit(_during_images_add)
     elif fault == "between":
@@ -156,7 +156,7 @@ def install(fault: str, n: int, counter: str, poison: str = "", patch=setattr) -
 
 
 class TornParquet:
-    """``pyarrow.parquet`` as ``tasks.answers`` sees it, except that ``write_table`` leaves
+    """``pyarrow.parquet`` as ``tasks.io.answers`` sees it, except that ``write_table`` leaves
     half a file behind and dies (the work files of the run are written normally)."""
 
     def __getattr__(self, name):
@@ -173,20 +173,20 @@ class TornParquet:
 
 
 def install_query(fault: str, n: int, counter: str) -> None:
-    import tasks.answers
-    import tasks.generate
+    import tasks.io.answers
+    import tasks.models.engines
 
     STATE.update(driver=os.getpid(), counter=counter, n=n)
     if fault == "generate":
-        real = tasks.generate.TransformersEngine._generate_batch
+        real = tasks.models.engines.TransformersEngine._generate_batch
 
         def generate(self, batch):
             if nth_call():
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(self, batch)
-        tasks.generate.TransformersEngine._generate_batch = generate
+        tasks.models.engines.TransformersEngine._generate_batch = generate
     elif fault == "write":
-        tasks.answers.pq = TornParquet()
+        tasks.io.answers.pq = TornParquet()
     elif fault != "none":
         raise SystemExit(f"unknown query fault {fault!r}")
 
@@ -208,11 +208,12 @@ def main(argv: list[str]) -> None:
     Path(counter).parent.mkdir(parents=True, exist_ok=True)
     if argv[0] == "ingest":
         from flows.ingest import ingest_flow
-        from tasks.embed import init_ray
+        from tasks.io.cluster import RayConfig, init_ray
 
         source, fault, n = argv[1], argv[2], int(argv[3])
         install(fault, n, counter)
-        init_ray(settings.ray_address, settings.ray_num_cpus, settings.cache_dir + "/ray")
+        init_ray(RayConfig(settings.ray_address, settings.ray_num_cpus,
+                           settings.cache_dir + "/ray"))
         _wait_for_go()
         summary = ingest_flow.fn(source, settings)
     else:

@@ -28,7 +28,7 @@ AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 def build_db(dump: Path, db: Path, outside: Path) -> dict:
     """images/files/rejects for every JPEG of ``dump`` plus three rejects; returns the rows."""
-    from tasks import store
+    from tasks.io import store
 
     records = json.loads((dump / "metadata.json").read_text())
     rng = np.random.default_rng(7)

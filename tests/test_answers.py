@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.answers import ANSWER_SCHEMA, SCHEMA_VERSION
-from tasks import answers
-from tasks.answers import answers_path, read_answers, write_answers
+from tasks.io import answers
+from tasks.io.answers import answers_path, read_answers, write_answers
 
 DATE = "2024-05-01"
 
@@ -168,7 +168,7 @@ def test_a_killed_writers_old_temp_file_is_swept_on_the_next_write(tmp_path):
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path):
-    from tasks.answers import OutputError, check_writable
+    from tasks.io.answers import OutputError, check_writable
 
     check_writable(str(tmp_path / "out"), DATE)
     part = tmp_path / "out" / "answers" / f"run_date={DATE}"

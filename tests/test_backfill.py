@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 from conftest import tables
 
-from tasks import backfill
-from tasks.backfill import BackfillError
+from tasks.ingest import backfill
+from tasks.ingest.backfill import BackfillError
 
 # --- dump selection and bookkeeping (fast, no Ray) -------------------------------------------
 
@@ -184,7 +184,7 @@ def test_failed_dump_is_recorded_and_retried_alone(tmp_path, settings, monkeypat
 
 
 def _dumps(root: Path, sizes: list[int], first_seed: int = 100) -> list[str]:
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     out = []
     for i, n in enumerate(sizes):
@@ -289,8 +289,8 @@ def test_reembedding_with_another_model_writes_its_own_tables(tmp_path, settings
                                                               ray_session):
     from flows.backfill import backfill_flow
     from schemas.tables import table_suffix
-    from tasks.clip_model import ensure_tiny_clip
-    from tasks.retrieve import pin_images
+    from tasks.models.clip import ensure_tiny_clip
+    from tasks.query.retrieve import pin_images
 
     dumps = _dumps(tmp_path / "root", [5, 7], first_seed=300)
     first = backfill_flow.fn(roots=dumps, settings=settings)

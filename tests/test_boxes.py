@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from schemas.answers import ANSWER_SCHEMA
-from tasks.answers import read_answers, write_answers
-from tasks.boxes import Tile, parse_boxes
-from tasks.generate import GenRequest, GenResult
-from tasks.prompts import build_grid, parse_citations
-from tasks.rag import GRID_SIZE, _fill
+from tasks.io.answers import read_answers, write_answers
+from tasks.models.engines import GenRequest, GenResult
+from tasks.query.boxes import Tile, parse_boxes
+from tasks.query.prompts import build_grid, parse_citations
+from tasks.query.run import GRID_SIZE, _fill
 
 SIZE = GRID_SIZE
 

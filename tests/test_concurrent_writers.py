@@ -1,7 +1,7 @@
 """Two processes ingest the same dump into the same database at the same time.
 
 LanceDB's ``merge_insert`` of the same new keys from two processes duplicates rows (STACK.md);
-the per-table writer lock (``tasks.store.writer_lock``) serialises every commit, and each
+the per-table writer lock (``tasks.io.store.writer_lock``) serialises every commit, and each
 commit re-checks what is stored under the lock, so the result must equal one ingest's.
 """
 
@@ -27,10 +27,11 @@ import json, os, sys, time
 from pathlib import Path
 from flows.ingest import ingest_flow
 from mmrag.settings import Settings
-from tasks.embed import init_ray
+from tasks.io.cluster import RayConfig, init_ray
 
 settings = Settings()
-init_ray(settings.ray_address, settings.ray_num_cpus, settings.cache_dir + "/ray")
+init_ray(RayConfig(settings.ray_address, settings.ray_num_cpus,
+                   settings.cache_dir + "/ray"))
 Path(sys.argv[2] + ".ready." + str(os.getpid())).touch()
 while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
@@ -61,7 +62,7 @@ def _keys(t: dict) -> dict:
 
 
 def test_two_writers_make_exactly_one_ingest(tmp_path, settings, cache_dir, ray_session):
-    from tasks.sample_dump import generate_sample_dump, write_bad_inputs
+    from mmrag.samples.dump import generate_sample_dump, write_bad_inputs
 
     dump = tmp_path / "dump"
     generate_sample_dump(dump, N, seed=11)

@@ -34,7 +34,7 @@ def _ledger_rows(db: str) -> int:
 
 
 def test_killed_ingest_leaves_nothing_half_done(tmp_path, cache_dir, ray_session):
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     dump = tmp_path / "dump"
     generate_sample_dump(dump, N, seed=7)

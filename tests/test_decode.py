@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.decode import Rejected, decode, decode_batch, read_bytes
+from tasks.io.images import Rejected, decode, decode_batch, read_bytes
 
 SIZE, LIMIT = 64, 64_000_000
 

@@ -69,7 +69,7 @@ def test_progress_artifact_is_throttled_and_never_fails_the_step(monkeypatch):
 
     import prefect.artifacts as artifacts
 
-    from mmrag import progress as prog
+    from flows import progress as prog
 
     calls = []
     monkeypatch.setattr(artifacts, "create_progress_artifact",
@@ -122,7 +122,7 @@ def test_status_of_an_ingested_db(tmp_path, settings, sample_dump, ray_session):
     import pyarrow.parquet as pq
 
     from flows.ingest import ingest_flow
-    from tasks.sample_dump import write_bad_inputs
+    from mmrag.samples.dump import write_bad_inputs
 
     dump = tmp_path / "dump"
     shutil.copytree(sample_dump, dump)
@@ -263,7 +263,7 @@ def _wait_done(server, run_id: str, timeout: float, logs: tuple) -> None:
 @pytest.fixture
 def deploy_env(prefect_server, tmp_path, cache_dir):
     """What a worker host sets: the server, the checkout, the per-install paths and settings."""
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     generate_sample_dump(tmp_path / "dump", 8, seed=3)
     queries = tmp_path / "q.jsonl"

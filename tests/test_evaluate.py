@@ -24,16 +24,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from flows.config import clip_spec
 from flows.evaluate import headline
 from schemas.metrics import METRICS_SCHEMA, SCHEMA_VERSION
 from schemas.tables import images_schema
-from tasks import store
-from tasks.answer_checks import AnswersNotFound, answer_checks, clip_scores, load_answers
-from tasks.answers import write_answers
-from tasks.augment import IDENTITY, KINDS, augment
-from tasks.clip_model import load_clip
-from tasks.decode import decode
-from tasks.evaluate import (
+from tasks.evaluate.answer_checks import AnswersNotFound, answer_checks, clip_scores, load_answers
+from tasks.evaluate.augment import IDENTITY, KINDS, augment
+from tasks.evaluate.labelled_set import labelled_queries, sample_images
+from tasks.evaluate.retrieval import (
     ann_vs_exact,
     evaluate_retrieval,
     metrics_table,
@@ -47,8 +45,11 @@ from tasks.evaluate import (
     vector_index,
     write_metrics,
 )
-from tasks.labelled_set import labelled_queries, sample_images
-from tasks.retrieve import pin_images
+from tasks.io import store
+from tasks.io.answers import write_answers
+from tasks.io.images import decode
+from tasks.models.clip import load_clip
+from tasks.query.retrieve import pin_images
 
 UNIQUE = "qwertyzebra plumbusfjord"
 SHARED = "a leafy street with low houses"
@@ -74,7 +75,7 @@ def world(tmp_path_factory, cache_dir):
     base = tmp_path_factory.mktemp("evaluate")
     settings = Settings(db=str(base / "db"), profile="tiny", cache_dir=str(cache_dir),
                         work_dir=str(base / "work"), out=str(base / "out"))
-    spec = settings.resolve_clip()
+    spec = clip_spec(settings)
     clip = load_clip(spec)
     (base / "dump").mkdir()
     rows, vectors = [], []

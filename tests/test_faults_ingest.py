@@ -117,7 +117,7 @@ def test_input_that_keeps_killing_its_worker_fails_cleanly(fault_dump, tmp_path,
                                                            ray_session, monkeypatch):
     """A file that crashes its decode worker every time: the batch is retried a bounded number
     of times, the run stops with a readable error, and the next run completes."""
-    from tasks.embed import BATCH_RETRIES, PipelineError
+    from tasks.ingest.pipeline import BATCH_RETRIES, PipelineError
 
     poison = sorted(p.name for p in fault_dump.rglob("*.JPG"))[5]
     calls = _plant("decode_poison", tmp_path, ray_session, monkeypatch, poison=poison)
@@ -134,12 +134,12 @@ def test_disk_full_mid_ingest(tmp_path, settings, ray_session, monkeypatch):
     """The disk fills up after the first commit (a real full tmpfs where mounting is allowed,
     else a write that raises ENOSPC): ``mmrag ingest`` exits 2 with one ``error:`` line and
     the tables keep exactly what the first commit wrote (re-runs are proven above)."""
-    import tasks.ingest
+    import tasks.ingest.run
 
     dump = make_fault_dump(tmp_path / "dump", N_GOOD)
     with tmpfs(tmp_path / "fs") as fs:
         db = str((fs or tmp_path) / "db")
-        seen, real = {}, tasks.ingest.commit_chunk
+        seen, real = {}, tasks.ingest.run.commit_chunk
 
         def commit(tables_, chunk, clip_label, run_id):
             if "before" not in seen and tables_.files.count_rows() > PLAN_REJECTS:
@@ -150,7 +150,7 @@ def test_disk_full_mid_ingest(tmp_path, settings, ray_session, monkeypatch):
                     monkeypatch.setattr(tables_.images, "add", _no_space)
             return real(tables_, chunk, clip_label, run_id)
 
-        monkeypatch.setattr(tasks.ingest, "commit_chunk", commit)
+        monkeypatch.setattr(tasks.ingest.run, "commit_chunk", commit)
         failed = cli(["ingest", str(dump)], monkeypatch, **_cli_env(settings, db))
         line = one_line_error(failed)
         assert f"cannot write LanceDB at {db}" in line and "No space left on device" in line

@@ -18,7 +18,8 @@ import pytest
 from conftest import tables
 from fault_checks import PLAN_REJECTS, make_fault_dump, printable
 
-from tasks.discover import list_dump
+from flows.config import clip_spec
+from tasks.ingest.discover import list_dump
 
 
 def _non_utf8(dump: Path) -> set[str]:
@@ -39,11 +40,11 @@ def test_listing_survives_and_flags_non_utf8_names(tmp_path):
 
 def test_non_utf8_names_are_rejected_once_with_a_reason(tmp_path, settings):
     """Planning (no image bytes read, no Ray) records them; planning again adds nothing."""
-    from tasks import ingest
-    from tasks.clip_model import model_shape
+    from tasks.ingest import run as ingest
+    from tasks.models.clip import model_shape
 
     dump = make_fault_dump(tmp_path / "dump", 3)
-    spec = settings.resolve_clip()
+    spec = clip_spec(settings)
     dim = model_shape(spec)[0]
     for attempt in range(2):
         plan = tmp_path / f"plan{attempt}.parquet"
@@ -66,7 +67,7 @@ def test_non_utf8_names_are_rejected_once_with_a_reason(tmp_path, settings):
 def test_oversized_files_are_rejected_without_reading_them_whole(tmp_path):
     """A file over the size limit is refused after reading limit + 1 bytes (the 1 GiB sparse
     file is never pulled into memory); a file at the limit is read normally."""
-    from tasks.decode import MAX_FILE_BYTES, Rejected, read_bytes
+    from tasks.io.images import MAX_FILE_BYTES, Rejected, read_bytes
 
     assert 2 * MAX_FILE_BYTES > 10_000
 

@@ -28,6 +28,7 @@ from fault_checks import (
     tmpfs,
 )
 
+from flows.config import clip_spec
 from flows.ingest import ingest_flow
 from flows.query import query_flow
 
@@ -98,7 +99,7 @@ def test_killed_mid_generation_leaves_no_file_and_rerun_writes_one(world, tmp_pa
 
 def test_killed_mid_write_keeps_the_previous_file(world, tmp_path, ray_session):
     """Retrieval-only runs (engine none): the write is what is under test."""
-    from tasks.answers import read_answers
+    from tasks.io.answers import read_answers
 
     _, settings, queries = world
     settings = settings.model_copy(update={"engine": "none"})
@@ -140,7 +141,7 @@ def test_disk_full_writing_answers(world, tmp_path, monkeypatch):
     ``error:`` line naming the file, the previous answers of the run byte-identical."""
     import errno
 
-    import tasks.answers
+    import tasks.io.answers
 
     _, settings, queries = world
     with tmpfs(tmp_path / "fs") as fs:
@@ -150,7 +151,7 @@ def test_disk_full_writing_answers(world, tmp_path, monkeypatch):
             fill(fs)
         else:
             error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            monkeypatch.setattr(tasks.answers, "pq", FailingParquet(error))
+            monkeypatch.setattr(tasks.io.answers, "pq", FailingParquet(error))
         failed = cli(["query", queries, "--run-id", "full", "--run-date", DATE, "--engine",
                       "none", "--out", str(out)], monkeypatch, **_env(settings))
         line = one_line_error(failed)
@@ -186,10 +187,10 @@ def test_read_only_output_location(world, tmp_path, monkeypatch):
 def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     """Two ingests of the same new files and a query, released together: no duplicates, the
     tables equal one ingest's, and the query's table_version reproduces what it retrieved."""
+    from mmrag.samples.dump import generate_sample_dump
     from mmrag.settings import Settings
-    from tasks.clip_model import load_clip, model_shape
-    from tasks.retrieve import embed_queries, pin_images, search_all
-    from tasks.sample_dump import generate_sample_dump
+    from tasks.models.clip import load_clip, model_shape
+    from tasks.query.retrieve import embed_queries, pin_images, search_all
 
     dump = make_fault_dump(tmp_path / "dump", 12, seed=21)
     settings = Settings(db=str(tmp_path / "db"), profile="tiny", cache_dir=str(cache_dir),
@@ -227,7 +228,7 @@ def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     assert len(version) == 1 and version[0] > start_version  # pinned after ingest commits
     table = lancedb.connect(settings.db).open_table("images")
     assert version[0] in {v["version"] for v in table.list_versions()}
-    spec = settings.resolve_clip()
+    spec = clip_spec(settings)
     pinned = pin_images(settings.db, model_shape(spec)[0], spec.label, version=version[0])
     plan = pl.read_parquet(Path(settings.work_dir) / "query-during" / "queries.parquet")
     vectors, errors = embed_queries(plan, load_clip(spec), settings.max_image_pixels)

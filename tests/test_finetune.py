@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.finetune import (
+from tasks.adapt.collate import IGNORE, collate, encode
+from tasks.adapt.export import load_split
+from tasks.adapt.finetune import (
     LM_MODULES,
     FinetuneConfig,
     FinetuneError,
@@ -21,9 +23,7 @@ from tasks.finetune import (
     total_steps,
     train,
 )
-from tasks.finetune_data import IGNORE, collate, encode
-from tasks.instructions import load_split
-from tasks.tiny_llava import IMAGE_SIZE, PATCH_SIZE
+from tasks.models.tiny_llava import IMAGE_SIZE, PATCH_SIZE
 
 ANSWERS = ["The street is busy with cars.", "A green tree grows next to a red car.",
            "The city at night is bright.", "Two dogs play in the park."]
@@ -151,13 +151,13 @@ def test_merged_checkpoint_loads_plainly_with_the_same_logits(trained):
 
 def test_transformers_engine_generates_with_the_adapter(trained, base, dataset, monkeypatch):
     from mmrag.settings import Settings
-    from tasks.generate import ADAPTER_ENGINE, GenRequest, make_engine
+    from tasks.models.engines import ADAPTER_ENGINE, EngineConfig, GenRequest, make_engine
 
     with Image.open(dataset / "images" / "c" / "red.png") as im:
         request = GenRequest(QUESTION, im.convert("RGB"))
-    plain = make_engine("transformers", base, max_new_tokens=8).generate([request])[0]
-    tuned_engine = make_engine("transformers", base, max_new_tokens=8,
-                               adapter=str(trained["adapter"]))
+    plain = make_engine(EngineConfig("transformers", base, max_new_tokens=8)).generate([request])[0]
+    tuned_engine = make_engine(EngineConfig("transformers", base, max_new_tokens=8,
+                               adapter=str(trained["adapter"])))
     tuned = tuned_engine.generate([request])[0]
     assert plain.error is None and tuned.error is None
     assert tuned.text != plain.text
@@ -165,7 +165,7 @@ def test_transformers_engine_generates_with_the_adapter(trained, base, dataset, 
     assert torch.allclose(_logits(tuned_engine.model, trained["batch"]), trained["logits"],
                           atol=1e-5)
     with pytest.raises(ValueError, match="merge it"):
-        make_engine("vllm", base, adapter=str(trained["adapter"]))
+        make_engine(EngineConfig("vllm", base, adapter=str(trained["adapter"])))
     monkeypatch.setenv("MMRAG_VLM_ADAPTER", str(trained["adapter"]))
     assert Settings().vlm_adapter == str(trained["adapter"])
     assert "transformers engine only" in ADAPTER_ENGINE

@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.generate import (
+from tasks.models.engines import (
     ENGINES,
     VLLM_MISSING,
+    EngineConfig,
     GenRequest,
     GenResult,
     NoneEngine,
-    TransformersEngine,
     format_prompt,
     make_engine,
-    vllm_inputs,
 )
-from tasks.tiny_llava import BUILD_NAME, IMAGE_SIZE, PATCH_SIZE, ensure_tiny_llava
+from tasks.models.hf_llava import TransformersEngine
+from tasks.models.tiny_llava import BUILD_NAME, IMAGE_SIZE, PATCH_SIZE, ensure_tiny_llava
+from tasks.models.vllm_llava import vllm_inputs
 
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped by the "default" strategy
 
@@ -38,7 +39,8 @@ def tiny_llava(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_llava):
-    return make_engine("transformers", str(tiny_llava), max_new_tokens=8, batch_size=4)
+    return make_engine(EngineConfig("transformers", str(tiny_llava), max_new_tokens=8,
+                                    batch_size=4))
 
 
 def _sha256(path) -> str:
@@ -158,9 +160,9 @@ def test_image_token_in_prompt_is_neutralised(engine):
 
 def test_sampling_is_reproducible_with_seed(tiny_llava):
     def run(seed):
-        eng = make_engine(
+        eng = make_engine(EngineConfig(
             "transformers", str(tiny_llava), max_new_tokens=6, temperature=1.0, seed=seed
-        )
+        ))
         return eng.generate(_requests()[:2])
 
     assert run(3) == run(3)
@@ -168,24 +170,24 @@ def test_sampling_is_reproducible_with_seed(tiny_llava):
 
 def test_registry_picks_by_name(tiny_llava):
     assert set(ENGINES) == {"transformers", "vllm", "none"}
-    assert isinstance(make_engine("none", "unused"), NoneEngine)
+    assert isinstance(make_engine(EngineConfig("none", "unused")), NoneEngine)
     assert (
-        make_engine("none", "unused").generate(_requests()[:2])
+        make_engine(EngineConfig("none", "unused")).generate(_requests()[:2])
         == [GenResult(None, None, None, None)] * 2
     )
-    engine = make_engine("transformers", str(tiny_llava), max_new_tokens=2)
+    engine = make_engine(EngineConfig("transformers", str(tiny_llava), max_new_tokens=2))
     assert isinstance(engine, TransformersEngine) and engine.name == "transformers"
 
 
 def test_unknown_engine_lists_choices():
     with pytest.raises(ValueError, match="choose one of: none, transformers, vllm"):
-        make_engine("llama.cpp", "m")
+        make_engine(EngineConfig("llama.cpp", "m"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_engine_without_vllm_explains(tiny_llava):
     with pytest.raises(RuntimeError) as err:
-        make_engine("vllm", str(tiny_llava))
+        make_engine(EngineConfig("vllm", str(tiny_llava)))
     assert str(err.value) == VLLM_MISSING
 
 
@@ -226,8 +228,8 @@ class _Recorder:
 def test_vllm_request_building(monkeypatch):
     rec = _Recorder()
     monkeypatch.setitem(sys.modules, "vllm", rec.module)
-    engine = make_engine("vllm", "llava-hf/llava-1.5-7b-hf", max_new_tokens=32, seed=3,
-                         batch_size=2)
+    engine = make_engine(EngineConfig("vllm", "llava-hf/llava-1.5-7b-hf", max_new_tokens=32, seed=3,
+                         batch_size=2))
     image = Image.new("RGB", (336, 336))
     results = engine.generate([GenRequest("Is it safe?", image), GenRequest("Why?", None),
                                GenRequest("And here?", image)])

@@ -26,7 +26,7 @@ HANDLED = ("wrong_extension", "animated", "cmyk", "sixteen_bit", "palette_alpha"
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory, sample_dump):
-    from tasks.sample_dump import write_bad_inputs
+    from mmrag.samples.dump import write_bad_inputs
 
     base = tmp_path_factory.mktemp("hostile")
     root = base / "dump"

@@ -47,7 +47,7 @@ def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session):
 
 
 def test_new_and_changed_files_are_picked_up(dump, settings, ray_session, tmp_path):
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     ingest(dump, settings)
     changed = sorted((dump / "images").rglob("*.JPG"))[0]
@@ -89,7 +89,7 @@ def test_duplicate_bytes_make_one_image(dump, settings, ray_session):
 
 
 def test_other_model_table_is_refused(dump, settings, ray_session):
-    from tasks.store import StoreError
+    from tasks.io.store import StoreError
 
     ingest(dump, settings)
     other = settings.model_copy(update={"clip_model": "ViT-B-32", "clip_pretrained": "x.pt",

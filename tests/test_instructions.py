@@ -15,9 +15,8 @@ from PIL import Image
 
 from schemas.instructions import IMAGE_TOKEN, InstructionRecord, safe_relative
 from schemas.tables import SCORE_COLUMNS
-from tasks.answers import write_answers
-from tasks.instruction_answers import select_answers
-from tasks.instructions import (
+from tasks.adapt.answer_records import select_answers
+from tasks.adapt.export import (
     SCORE_WORDS,
     ExportOptions,
     InstructionError,
@@ -25,6 +24,7 @@ from tasks.instructions import (
     load_split,
     split_of,
 )
+from tasks.io.answers import write_answers
 
 VAL = 0.3
 
@@ -216,7 +216,7 @@ def test_answers_export_reviewed_rows_with_their_grid(table, tmp_path):
     assert rec["conversations"][0]["value"] == "<image>\nContext...\nQuestion: q?"
     assert rec["conversations"][1]["value"] == "Both streets look safe [1]."
     with Image.open(out / "images" / rec["image"]) as grid:
-        from tasks.rag import GRID_SIZE
+        from tasks.query.run import GRID_SIZE
 
         assert grid.size == (GRID_SIZE, GRID_SIZE)
 

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.metadata import FILE_NAME_PATTERN
-from tasks.metadata import parse_metadata, safe_rel_path
-from tasks.plan import with_metadata
+from tasks.ingest.metadata import parse_metadata, safe_rel_path
+from tasks.ingest.plan import with_metadata
 
 URI = "/dump/metadata.json"
 
@@ -132,7 +132,7 @@ def test_place_pulse_names_round_trip(lat, lon, pid, city):
 def test_oversized_metadata_file_is_a_reject_not_a_crash(tmp_path, monkeypatch):
     from pyarrow import fs as pafs
 
-    import tasks.metadata as metadata
+    import tasks.ingest.metadata as metadata
 
     good = [{"Relative Path": "a.jpg", "City": "Paris"}]
     (tmp_path / "metadata.json").write_text(json.dumps(good))

@@ -11,8 +11,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from flows.config import clip_spec
 from schemas.tables import table_names, table_suffix
-from tasks.clip_model import check_scales, load_clip, model_shape, resolve_spec
+from tasks.models.clip import check_scales, load_clip, model_shape, resolve_spec
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_multiscale_ingest_and_image_query_end_to_end(tmp_path, sample_dump, set
                                                      ray_session):
     from flows.ingest import ingest_flow
     from flows.query import query_flow
-    from tasks.answers import read_answers
+    from tasks.io.answers import read_answers
 
     dump = tmp_path / "dump"
     shutil.copytree(sample_dump, dump)
@@ -78,7 +79,7 @@ def test_multiscale_ingest_and_image_query_end_to_end(tmp_path, sample_dump, set
                                      "query_image_roots": [str(dump)]})
     ingest_flow.fn(str(dump), ms)
     db = lancedb.connect(ms.db)
-    name = table_names(table_suffix(ms.resolve_clip().label))[0]
+    name = table_names(table_suffix(clip_spec(ms).label))[0]
     images = db.open_table(name).to_polars().collect()
     assert images.height == 24 and images["clip_model"].str.ends_with("@ms1+2").all()
     photo = images["source_uri"][5]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.prompts import (
+from tasks.query.prompts import (
     CONTEXT_CLOSE,
     CONTEXT_OPEN,
     DEFAULT_QUESTION,

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from schemas.queries import INPUT_COLUMNS, QUERY_PLAN_SCHEMA
-from tasks.queries import QueryFileError, build_where, read_queries
+from tasks.query.queries import QueryFileError, build_where, read_queries
 
 HOSTILE = "x' OR '1'='1"
 

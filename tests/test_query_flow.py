@@ -11,7 +11,7 @@ import pytest
 
 from flows.ingest import ingest_flow
 from flows.query import query_flow
-from tasks.answers import read_answers
+from tasks.io.answers import read_answers
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +108,8 @@ def test_query_with_a_lora_adapter_records_it(world, tmp_path):
     from test_finetune import _write_dataset
     from transformers import AutoProcessor
 
-    from tasks.finetune import FinetuneConfig, build_model, resolve_base, save, train
-    from tasks.instructions import load_split
+    from tasks.adapt.export import load_split
+    from tasks.adapt.finetune import FinetuneConfig, build_model, resolve_base, save, train
 
     base, _, settings, _ = world
     model_dir = resolve_base("tiny", settings.cache_dir)

@@ -90,7 +90,7 @@ def _driver_logs(temp: Path) -> list[str]:
 
 
 def test_ingest_runs_on_the_cluster(cluster, tmp_path, cache_dir):
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     address, temp, env = cluster
     dump = tmp_path / "dump"

@@ -29,8 +29,8 @@ def outputs(tmp_path_factory):
     searched version v of ``images``, then a later ingest of three more images."""
     import lancedb
 
-    from tasks.answers import write_answers
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
+    from tasks.io.answers import write_answers
 
     root = tmp_path_factory.mktemp("readme")
     generate_sample_dump(root / "dump", 12, seed=5, size=(320, 240))

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 from report_fixtures import HOSTILE, build_db, run_rows, write_v1
 
-from tasks.answers import write_answers
-from tasks.report import RunNotFound, answer_html, build_run_report
-from tasks.report_boxes import boxes_by_target
-from tasks.report_images import Thumbnailer, ledger_roots
-from tasks.report_overview import build_overview
+from tasks.io.answers import write_answers
+from tasks.report.boxes import boxes_by_target
+from tasks.report.images import Thumbnailer, ledger_roots
+from tasks.report.overview import build_overview
+from tasks.report.run import RunNotFound, answer_html, build_run_report
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -30,7 +30,7 @@ BOX_RGB = (255, 45, 85)  # .box border colour in report_templates.CSS
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from tasks.sample_dump import generate_sample_dump
+    from mmrag.samples.dump import generate_sample_dump
 
     root = tmp_path_factory.mktemp("report")
     dump = root / "dump"
@@ -233,10 +233,8 @@ def test_overview_renders_rejects_with_examples(browser, reports, inputs, tmp_pa
 def test_cli_writes_both_reports(inputs, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from mmrag import cli
     from mmrag.cli import app
 
-    monkeypatch.setattr(cli, "_overrides", {})  # global options must not leak to other tests
     monkeypatch.setenv("MMRAG_OUT", str(tmp_path / "elsewhere"))  # --out wins
     r = CliRunner().invoke(app, ["--db", inputs["db"], "report", "r1", "--overview",
                                  "--out", inputs["out"], "--out-dir", str(tmp_path)])

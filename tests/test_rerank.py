@@ -12,7 +12,7 @@ import pytest
 from lancedb.index import FTS
 
 from schemas.tables import SCORE_COLUMNS, images_schema
-from tasks.retrieve import Pinned, rerank, search_all
+from tasks.query.retrieve import Pinned, rerank, search_all
 
 DIM = 8
 

@@ -7,6 +7,7 @@ were set, so this also checks that the storage config reaches the decode tasks e
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from tasks.storage import StorageConfig, filesystem, storage_options
+from flows import config
+from tasks.io.objstore import StorageConfig, filesystem, storage_options
 
 pytestmark = pytest.mark.slow
 BUCKET = "mmrag-test"
@@ -59,7 +61,8 @@ def s3(tmp_path_factory):
             mp.setenv(k, v)
         try:
             _wait_listening(port, proc)
-            cfg = StorageConfig.create(f"http://127.0.0.1:{port}", "us-east-1", True)
+            cfg = StorageConfig.create(f"http://127.0.0.1:{port}", "us-east-1", True,
+                                       os.environ)
             boto3.client("s3", endpoint_url=cfg.endpoint, region_name=cfg.region).create_bucket(
                 Bucket=BUCKET)
             yield cfg
@@ -72,8 +75,8 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(s3, tmp_path_factory, cache_dir, ray_session):
     """A sample dump (+ two bad files) uploaded to s3://BUCKET/dump, and settings for it."""
+    from mmrag.samples.dump import generate_sample_dump
     from mmrag.settings import Settings
-    from tasks.sample_dump import generate_sample_dump
 
     base = tmp_path_factory.mktemp("s3world")
     local = base / "dump"
@@ -99,13 +102,13 @@ def _tables(settings) -> dict:
 
 
 def _cfg(settings) -> StorageConfig:
-    return StorageConfig.from_settings(settings)
+    return config.storage(settings)
 
 
 def test_listing_and_reading_match_the_local_dump(world):
-    from tasks.decode import Rejected, read_bytes
-    from tasks.discover import list_dump
-    from tasks.prompts import load_thumbnail
+    from tasks.ingest.discover import list_dump
+    from tasks.io.images import Rejected, read_bytes
+    from tasks.query.prompts import load_thumbnail
 
     _, local, settings = world
     listing = list_dump(f"s3://{BUCKET}/dump", _cfg(settings))
@@ -141,8 +144,8 @@ def test_ingest_into_lancedb_on_s3_then_rerun_is_a_no_op(world):
 def test_query_writes_answers_to_s3(world):
     from flows.ingest import ingest_flow
     from flows.query import query_flow
-    from tasks.answers import read_answers
-    from tasks.sample_queries import write_sample_queries
+    from mmrag.samples.queries import write_sample_queries
+    from tasks.io.answers import read_answers
 
     base, local, settings = world
     ingest_flow.fn(f"s3://{BUCKET}/dump", settings)  # no-op when the test above ran
@@ -165,7 +168,7 @@ def test_query_writes_answers_to_s3(world):
 
 
 def test_answers_rerun_replaces_the_object(world):
-    from tasks.answers import read_answers, write_answers
+    from tasks.io.answers import read_answers, write_answers
 
     _, _, settings = world
     out, cfg = f"s3://{BUCKET}/out-replace", _cfg(settings)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.sample_dump import CITIES, PERCEPTIONS, generate_sample_dump, write_bad_inputs
+from mmrag.samples.dump import CITIES, PERCEPTIONS, generate_sample_dump, write_bad_inputs
 
 NAME_RE = re.compile(r"^(-?\d+\.\d+)_(-?\d+\.\d+)_([0-9a-f]{24})_(.+)\.JPG$")
 N = 12

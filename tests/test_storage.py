@@ -8,8 +8,9 @@ import pytest
 from pyarrow import fs as pafs
 from pydantic import ValidationError
 
+from flows import config
 from mmrag.settings import Settings
-from tasks.storage import (
+from tasks.io.objstore import (
     StorageConfig,
     StorageError,
     filesystem,
@@ -54,7 +55,8 @@ def test_settings_from_environment(monkeypatch):
     s = Settings()
     assert (s.s3_endpoint, s.s3_region, s.s3_allow_http) == ("http://127.0.0.1:9000",
                                                              "eu-west-1", True)
-    assert StorageConfig.from_settings(s) == StorageConfig.from_env()
+    assert config.storage(s) == StorageConfig.create("http://127.0.0.1:9000", "eu-west-1", True,
+                                                     env={})
 
 
 def test_lance_options_and_credentials_stay_out_of_repr():

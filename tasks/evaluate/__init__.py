@@ -1,0 +1,1 @@
+"""Evaluate stage: labelled sets drawn from the images table, retrieval metrics, answer checks."""

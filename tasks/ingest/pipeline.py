@@ -1,0 +1,112 @@
+"""The Ray Data pipeline: read + decode in CPU tasks, CLIP in an actor pool, streamed back.
+
+Heavy objects are built once per actor (``load_clip`` in the constructor).  Rows that failed to
+decode travel on with their ``stage``/``error`` so the driver can record them; nothing is
+dropped.  Only paths and small metadata go in; vectors come out, pixels never leave Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.io.images import decode_batch
+from tasks.io.objstore import StorageConfig
+from tasks.models.clip import ClipSpec, load_clip
+
+log = logging.getLogger(__name__)
+
+#: retries of a batch whose decode worker or CLIP actor process died (Ray Data's default is
+#: unlimited: one input that crashes the process every time would stall the run forever).
+#: Passed as ``ray_remote_args`` (``max_retries``/``max_task_retries``), the only way in Ray
+#: 2.60 (it warns that these move to named parameters in 2.64).
+BATCH_RETRIES = 3
+
+
+class PipelineError(RuntimeError):
+    """The Ray pipeline gave up (a batch kept killing its worker); committed chunks are kept."""
+
+
+class ClipEmbedder:
+    """Actor: holds one CLIP model; embeds the rows that decoded, passes the others through."""
+
+    def __init__(self, spec: ClipSpec, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.clip = load_clip(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = np.asarray(batch["stage"]) == ""
+        vectors = np.zeros((len(ok), self.clip.dim), dtype=np.float32)
+        if ok.any():
+            try:
+                vectors[ok] = self.clip.encode_pixels(pixels[ok])
+            except Exception as e:  # noqa: BLE001 - the batch is recorded, the run goes on
+                batch["stage"] = np.where(ok, "embed", batch["stage"]).astype(object)
+                batch["error"] = np.where(ok, f"embedding failed: {e}", batch["error"])
+        batch["vector"] = vectors
+        return batch
+
+
+def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
+                batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
+                decode_cpus: float, out_rows: int, threads: int | None = None,
+                storage: StorageConfig | None = None) -> Iterator[pa.Table]:
+    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector.
+
+    ``storage`` (endpoint, region, driver credentials) is shipped to the decode tasks."""
+    import ray
+
+    if todo.num_rows == 0:
+        return
+    _quiet_ray_data()
+    block = max(decode_batch_size, 64)
+    blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
+    gpus = 1 if spec.device == "cuda" or (
+        spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
+    ds = ray.data.from_arrow(blocks).map_batches(
+        partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage),
+        batch_size=decode_batch_size, batch_format="numpy", num_cpus=decode_cpus,
+        max_retries=BATCH_RETRIES,
+    )
+    ds = ds.map_batches(
+        ClipEmbedder, fn_constructor_kwargs={"spec": spec,
+                                             "threads": threads or _threads(actor_cpus)},
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
+        batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus, max_task_retries=BATCH_RETRIES,
+    )
+    try:
+        yield from ds.iter_batches(batch_size=out_rows, batch_format="pyarrow")
+    except ray.exceptions.RayError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(
+            f"the Ray pipeline stopped ({type(e).__name__}: {first}); a decode worker or CLIP "
+            f"actor died on the same batch {BATCH_RETRIES + 1} times (out of memory, or an "
+            "input that crashes it?). Committed rows are kept: fix the cause and re-run"
+        ) from e
+
+
+def _quiet_ray_data() -> None:
+    """Our own progress reporting replaces Ray Data's per-operator logs and bars."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.verbose_progress = False
+    for name in ("ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # the retry caps have no named parameter in Ray 2.60 yet; the notice is not the user's to act on
+    warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
+
+
+def _threads(actor_cpus: float) -> int:
+    return max(1, int(round(actor_cpus)))

@@ -1,0 +1,55 @@
+"""The Ray cluster every distributed stage runs on: a local Ray started once per process, or
+a running cluster joined by address.  Ray itself schedules; this module only starts or joins."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """``address`` None = start a local Ray with ``num_cpus`` (None = all) under ``temp_dir``."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    temp_dir: str = "/tmp/mmrag-ray"  # noqa: S108 - Ray's own default is /tmp/ray
+
+
+def init_ray(config: RayConfig) -> None:
+    """Connect to a cluster (address) or start a local Ray once per process."""
+    import ray
+
+    address, num_cpus, temp_dir = config.address, config.num_cpus, config.temp_dir
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray starts its daemons with fork+exec; lancedb warns about fork, but exec replaces the
+    # child at once, so no lancedb state is used there.
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+    if address:
+        _connect(address)
+        return
+    os.makedirs(temp_dir, exist_ok=True)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True, _temp_dir=os.path.abspath(temp_dir))
+
+
+def _connect(address: str) -> None:
+    """Join a running cluster.  Workers import this project's modules by name, so every node
+    needs the same environment (this package installed, e.g. ``pip install -e .`` or one
+    container image); nothing is shipped with the job.  Ray 2.60 heads started by
+    ``ray start`` use token authentication when a token exists, and a driver given an explicit
+    address only sends one with ``RAY_AUTH_MODE=token``: say so instead of a bare refusal."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+    except ConnectionError as e:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's token")
+        raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {e}{hint}") from e

@@ -1,0 +1,79 @@
+"""LLaVA through vLLM (the ``gpu`` extra, CUDA machines only): continuous batching, much
+higher throughput than transformers on a GPU.  vLLM is imported only when this engine is built."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tasks.models.engines import (
+    TORCH_DTYPES,
+    VLLM_MISSING,
+    EngineConfig,
+    GenRequest,
+    GenResult,
+    check_image,
+    chunks,
+    format_prompt,
+    run_with_fallback,
+)
+
+
+def vllm_inputs(batch: Sequence[GenRequest]) -> list[dict[str, Any]]:
+    """vLLM offline prompts: llava-1.5 text plus ``multi_modal_data`` when there is an image."""
+    inputs: list[dict[str, Any]] = []
+    for request in batch:
+        check_image(request)
+        item: dict[str, Any] = {"prompt": format_prompt(request.prompt, request.image is not None)}
+        if request.image is not None:
+            item["multi_modal_data"] = {"image": request.image}
+        inputs.append(item)
+    return inputs
+
+
+def vllm_arguments(config: EngineConfig) -> tuple[dict, dict]:
+    """What the vLLM engine passes to ``LLM(...)`` and ``SamplingParams(...)``: one image per
+    prompt (the grid), fixed seed, greedy at temperature 0."""
+    llm = {"model": config.model, "limit_mm_per_prompt": {"image": 1}, "seed": config.seed,
+           "dtype": TORCH_DTYPES.get(config.dtype, config.dtype)}
+    sampling = {"temperature": config.temperature, "max_tokens": config.max_new_tokens,
+                "seed": config.seed}
+    return llm, sampling
+
+
+class VllmEngine:
+    """LLaVA through vLLM (GPU extra only): continuous batching, much higher throughput on CUDA.
+
+    ``device`` is ignored (vLLM picks its platform); ``batch_size`` is how many requests go to
+    vLLM per call, which then schedules them itself, so use a large value on a GPU.
+    """
+
+    name = "vllm"
+
+    def __init__(self, config: EngineConfig) -> None:
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise RuntimeError(VLLM_MISSING) from exc
+        self.batch_size = config.batch_size
+        llm_kwargs, sampling_kwargs = vllm_arguments(config)
+        self.llm = LLM(**llm_kwargs)
+        self.params = SamplingParams(**sampling_kwargs)
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        results: list[GenResult] = []
+        for batch in chunks(requests, self.batch_size):
+            results.extend(run_with_fallback(batch, self._generate_batch))
+        return results
+
+    def _generate_batch(self, batch: Sequence[GenRequest]) -> list[GenResult]:
+        outputs = self.llm.generate(vllm_inputs(batch), self.params, use_tqdm=False)
+        return [
+            GenResult(
+                o.outputs[0].text.strip(),
+                None,
+                len(o.prompt_token_ids),
+                len(o.outputs[0].token_ids),
+            )
+            for o in outputs
+        ]

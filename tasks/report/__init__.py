@@ -1,0 +1,1 @@
+"""Report stage: self-contained HTML per query run and an overview of the database."""
