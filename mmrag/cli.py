@@ -15,7 +15,8 @@ _overrides: dict = {}
 
 
 def _prefect_defaults() -> None:
-    """Quiet, patient defaults for the ephemeral Prefect server (see shared/STACK.md)."""
+    """Quiet, patient defaults for the ephemeral Prefect server: analytics on gives noisy sqlite
+    lock errors, and the default 20 s start-up timeout is close on 2 cores."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
