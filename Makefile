@@ -9,7 +9,7 @@ N       ?= 200
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs dictionary install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# the documentation site (mkdocs.yml) into data/site/; broken links fail the build
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+# regenerate the data dictionary page's generated block after changing a contract in schemas/
+dictionary: $(STAMP)
+	$(BIN)/mmrag schema --readme docs/reference/data-dictionary.md
 
 clean:
 	rm -rf data out .pytest_cache .ruff_cache

@@ -82,7 +82,7 @@ def tree_rss(pid: int) -> int:
 
 
 def record(name: str, result: dict) -> None:
-    """Append to data/bench/results.jsonl so the README table can be refreshed from it."""
+    """Append to data/bench/results.jsonl so docs/performance.md can be refreshed from it."""
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     row = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "hardware": hardware()} | result
     with open(BENCH_DIR / "results.jsonl", "a") as f:

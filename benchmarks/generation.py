@@ -1,7 +1,7 @@
 """Generation: batched vs one-prompt-at-a-time with the transformers engine (tiny LLaVA, CPU).
 
-For vLLM on a GPU machine, see the README: ``MMRAG_ENGINE=vllm python -m benchmarks generation``
-runs the same comparison through the vllm engine.
+For vLLM on a GPU machine (see docs/performance.md), ``MMRAG_ENGINE=vllm python -m benchmarks
+generation`` runs the same comparison through the vllm engine.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The analysts' view of a run, with Polars: ``python -m mmrag.examples DB OUT``.
 
-Used at the end of ``make demo``; the same queries appear in the README.
+Used at the end of ``make demo``; tested queries of the same kind are in
+docs/reference/outputs.md.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     )
     clip_scales: list[float] = Field(
         default_factory=lambda: [1.0], description="multi-scale image embeddings: zooms pooled "
-        "per image, e.g. [1, 2] (1 = off; a separate table set; see README)"
+        "per image, e.g. [1, 2] (1 = off; a separate table set; see docs/guide/ingest.md)"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="model precision; auto = fastest safe choice for the device"
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         30.0, ge=0, description="table versions kept for time travel by optimize"
     )
     nprobes: int | None = Field(
-        20, ge=1, description="ANN partitions probed (indexed tables; measured: see README)"
+        20, ge=1, description="ANN partitions probed (indexed tables; see docs/performance.md)"
     )
     refine_factor: int | None = Field(
         5, ge=1, description="ANN re-ranking by exact distance (recall 0.935 → 1.0 at 1M rows)"

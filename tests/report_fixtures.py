@@ -1,4 +1,4 @@
-"""Small report/README inputs built without Ray or models: a sample dump, a LanceDB database
+"""Small report/docs inputs built without Ray or models: a sample dump, a LanceDB database
 written row by row from its metadata (random vectors), hostile rejects, and answers files.
 
 Shared by tests/test_report.py and tests/test_readme_examples.py; every value a test checks

@@ -1,8 +1,9 @@
 """Two processes ingest the same dump into the same database at the same time.
 
-LanceDB's ``merge_insert`` of the same new keys from two processes duplicates rows (STACK.md);
-the per-table writer lock (``tasks.io.store.writer_lock``) serialises every commit, and each
-commit re-checks what is stored under the lock, so the result must equal one ingest's.
+LanceDB's ``merge_insert`` of the same new keys from two processes duplicates rows (measured
+with LanceDB 0.40); the per-table writer lock (``tasks.io.store.writer_lock``) serialises every
+commit, and each commit re-checks what is stored under the lock, so the result must equal one
+ingest's.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The README's "Reading the outputs" examples, executed as written against a small database and
-answers dataset, their results compared with values computed here from the fixture rows."""
+"""The analysts' examples of docs/reference/outputs.md ("Reading the outputs"), executed as written
+against a small database and answers dataset, their results compared with values computed here
+from the fixture rows."""
 
 from __future__ import annotations
 
@@ -10,22 +11,20 @@ from pathlib import Path
 import pytest
 from report_fixtures import build_db, run_rows, write_v1
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "## Reading the outputs"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+PAGE = ROOT / "docs" / "reference" / "outputs.md"
 EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```(python|sql)\n(.*?)```", re.DOTALL)
 EXPECTED_EXAMPLES = {"polars_answers", "polars_tables", "duckdb_safer_per_city",
                      "duckdb_empty_answers", "duckdb_schema_versions", "duckdb_tables"}
 
 
 def examples() -> list[tuple[str, str, str]]:
-    text = README.read_text()
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return EXAMPLE.findall(section)
+    return EXAMPLE.findall(PAGE.read_text())
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """data/lancedb and data/out as the README names them: two runs (schema 1 and 2) that
+    """data/lancedb and data/out as the page names them: two runs (schema 1 and 2) that
     searched version v of ``images``, then a later ingest of three more images."""
     import lancedb
 
@@ -61,7 +60,7 @@ def results(outputs):
     try:
         for name, lang, code in examples():
             if lang == "python":
-                exec(compile(code, f"README:{name}", "exec"), namespace)  # noqa: S102
+                exec(compile(code, f"outputs.md:{name}", "exec"), namespace)  # noqa: S102
             else:
                 namespace[name] = duckdb.sql(code).pl()
     finally:

@@ -1,4 +1,4 @@
-"""The data dictionary: complete, in step with the code's schemas, and with the README."""
+"""The data dictionary: complete, in step with the code's schemas, and with its docs page."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from schemas import dictionary as d
 from schemas.answers import ANSWER_SCHEMA, SCHEMA_VERSION
 from schemas.tables import files_schema, images_schema, rejects_schema
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+PAGE = ROOT / "docs" / "reference" / "data-dictionary.md"
 
 
-def test_readme_block_is_the_generated_dictionary():
-    assert d.readme_block(README.read_text()) == d.markdown(), (
-        "README data dictionary is stale: run `mmrag schema --readme README.md`")
+def test_docs_page_block_is_the_generated_dictionary():
+    assert d.readme_block(PAGE.read_text()) == d.markdown(), (
+        "docs data dictionary is stale: run `mmrag schema --readme docs/reference/data-dictionary.md`")
 
 
 def test_every_column_of_every_contract_is_documented():

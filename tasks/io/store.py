@@ -49,7 +49,7 @@ class Tables:
 @contextmanager
 def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None]:
     """Serialise writers of one table: concurrent ``merge_insert`` of the same new keys from two
-    processes creates duplicates (measured, STACK.md).  A file lock next to a local database;
+    processes creates duplicates (measured, LanceDB 0.40).  A file lock next to a local database;
     for a remote database the lock is per machine (use one writer host, or a Prefect
     concurrency limit, across machines).  Write failures inside become one-line
     ``StoreError``s (``write_errors``)."""
@@ -186,9 +186,10 @@ def delete_orphans(tables: Tables, candidate_ids: list[str]) -> int:
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    """When and how to index.  Measured (README, benchmarks/retrieval.py): brute force is fine
-    below ~100k rows; IVF_SQ builds several times faster than IVF_PQ and keeps recall@10 high
-    without a refine step.  Old versions are kept ``retention_days`` for time travel."""
+    """When and how to index.  Measured (docs/performance.md, benchmarks/retrieval.py): brute
+    force is fine below ~100k rows; IVF_SQ builds several times faster than IVF_PQ and keeps
+    recall@10 high without a refine step.  Old versions are kept ``retention_days`` for time
+    travel."""
 
     ann_min_rows: int = 100_000
     ann_index: str = "IVF_SQ"

@@ -106,7 +106,8 @@ def _device() -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: pure bf16 is ~4x fp32 on such CPUs (measured, STACK.md)."""
+    """AVX512-BF16 or AMX: pure bf16 is ~4x fp32 on such CPUs (ViT-B-32, batch 64: ~40-80 vs
+    ~10-16 img/s measured on a 2-core AMD EPYC with AVX512-BF16)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
