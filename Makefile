@@ -33,7 +33,9 @@ demo: $(STAMP)
 		$(BIN)/mmrag report demo --overview
 	$(BIN)/python -m mmrag.examples $(DEMO)/lancedb $(DEMO)/out
 
+# the layer contracts (pyproject [tool.importlinter]), then the suite (it builds the docs too)
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -8,8 +8,8 @@ ledger row is the commit marker that makes a file "done".
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,15 +50,14 @@ class Tables:
 def writer_lock(db_uri: str, table: str, timeout: float = 3600) -> Iterator[None]:
     """Serialise writers of one table: concurrent ``merge_insert`` of the same new keys from two
     processes creates duplicates (measured, LanceDB 0.40).  A file lock next to a local database;
-    for a remote database the lock is per machine (use one writer host, or a Prefect
-    concurrency limit, across machines).  Write failures inside become one-line
+    for a remote database the lock is per machine, in the system temp folder (use one writer
+    host, or a Prefect concurrency limit, across machines).  Write failures inside become one-line
     ``StoreError``s (``write_errors``)."""
     from filelock import FileLock
 
     if "://" in db_uri and not db_uri.startswith("file://"):
         digest = hashlib.sha256(db_uri.encode()).hexdigest()[:16]
-        root = Path(os.environ.get("MMRAG_CACHE_DIR", Path.home() / ".cache/mmrag")) / "locks"
-        path = root / f"{digest}-{table}.lock"
+        path = Path(tempfile.gettempdir()) / "mmrag-locks" / f"{digest}-{table}.lock"
     else:
         path = Path(db_uri.removeprefix("file://") + ".locks") / f"{table}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fault_checks import cli, stop_ephemeral_prefect  # noqa: F401 - autouse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION = ("flows", "tasks", "schemas", "mmrag")
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve",
                   "jsonpickle"}

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import tables as tables_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 YAML = REPO / "deployments" / "prefect.yaml"
 MMRAG = [sys.executable, "-m", "mmrag.cli"]
