@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.answers import ANSWER_SCHEMA, SCHEMA_VERSION
-from tasks.io import answers
 from tasks.io.answers import answers_path, read_answers, write_answers
 
 DATE = "2024-05-01"
@@ -77,13 +76,13 @@ def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = write_answers([_row("old")], str(tmp_path), DATE, "run-1")
     before = Path(path).read_bytes()
 
-    def crash(table, where, **kw):
-        with open(where, "wb") as f:
-            f.write(b"PAR1 half a file")
-        assert os.path.basename(where).startswith(".")  # hidden while incomplete
+    def crash(self, data):
+        with open(self, "wb") as f:
+            f.write(bytes(data)[: len(data) // 2])
+        assert self.name.startswith(".")  # hidden while incomplete
         raise OSError("disk full")
 
-    monkeypatch.setattr(answers.pq, "write_table", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         write_answers([_row("new")], str(tmp_path), DATE, "run-1")
     assert Path(path).read_bytes() == before
@@ -149,7 +148,6 @@ def test_object_storage_paths():
 
 
 def test_a_killed_writers_old_temp_file_is_swept_on_the_next_write(tmp_path):
-    import os
     import time
 
     part = tmp_path / "answers" / f"run_date={DATE}"
