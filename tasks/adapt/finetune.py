@@ -25,6 +25,7 @@ from pathlib import Path
 from schemas.instructions import IMAGES_DIR
 from tasks.adapt.collate import IGNORE, batches
 from tasks.adapt.export import load_split
+from tasks.io import atomic
 
 log = logging.getLogger(__name__)
 LM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -250,7 +251,7 @@ def finetune(dataset_dir: str | Path, output_dir: str | Path, cfg: FinetuneConfi
                "config": asdict(cfg) | {"target_modules": list(cfg.target_modules)}}
     if cfg.merge:
         summary["merged"] = str(merge(model, processor, out / MERGED_DIR))
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    atomic.write_bytes(out / SUMMARY, json.dumps(summary, indent=1).encode())
     return summary
 
 
