@@ -69,8 +69,10 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
     if todo.num_rows == 0:
         return
     _quiet_ray_data()
-    decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // max(actors, 1))))
-    block = max(decode_rows, min(64, -(-todo.num_rows // max(actors, 1))))
+    # no more CLIP actors than model batches: each actor pays a model load at start-up
+    actors = max(1, min(actors, -(-todo.num_rows // batch_size)))
+    decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // actors)))
+    block = max(decode_rows, min(64, -(-todo.num_rows // actors)))
     blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
     gpus = 1 if spec.device == "cuda" or (
         spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
