@@ -72,4 +72,4 @@ def pipeline_opts(settings: Settings) -> dict:
                 actor_cpus=settings.embed_actor_cpus, decode_cpus=settings.decode_cpus,
                 threads=settings.embed_threads or max(1, (settings.ray_num_cpus or os.cpu_count()
                                                           or 1) // settings.embed_actors),
-                out_rows=settings.commit_rows)
+                out_rows=settings.commit_rows, reduced_decode=settings.reduced_decode)

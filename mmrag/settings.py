@@ -68,8 +68,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [1.0], description="multi-scale image embeddings: zooms pooled "
         "per image, e.g. [1, 2] (1 = off; a separate table set; see docs/guide/ingest.md)"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="model precision; auto = fastest safe choice for the device"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="model precision; auto = fastest safe choice for the device; int8 = "
+        "dynamically quantised image tower on CPU (opt-in; its own table set)"
     )
     batch_size: int = Field(64, ge=1, description="images per model batch")
     decode_batch_size: int = Field(32, ge=1, description="files per decode task batch")
@@ -87,6 +88,10 @@ class Settings(BaseSettings):
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved per decode task")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="decompression-bomb guard: larger images are rejected"
+    )
+    reduced_decode: bool = Field(
+        True, description="decode JPEGs at reduced size before open_clip's resize (faster; "
+        "false = pixels exactly as open_clip's preprocess)"
     )
     out: str = Field("./data/out", description="root of the answers Parquet dataset")
     engine: Literal["auto", "vllm", "transformers", "none"] | None = Field(

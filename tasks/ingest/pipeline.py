@@ -59,7 +59,8 @@ class ClipEmbedder:
 def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
                 batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
                 decode_cpus: float, out_rows: int, threads: int | None = None,
-                storage: StorageConfig | None = None) -> Iterator[pa.Table]:
+                storage: StorageConfig | None = None,
+                reduced_decode: bool = True) -> Iterator[pa.Table]:
     """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector.
 
     ``storage`` (endpoint, region, driver credentials) is shipped to the decode tasks."""
@@ -68,13 +69,16 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
     if todo.num_rows == 0:
         return
     _quiet_ray_data()
-    decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // max(actors, 1))))
-    block = max(decode_rows, min(64, -(-todo.num_rows // max(actors, 1))))
+    # no more CLIP actors than model batches: each actor pays a model load at start-up
+    actors = max(1, min(actors, -(-todo.num_rows // batch_size)))
+    decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // actors)))
+    block = max(decode_rows, min(64, -(-todo.num_rows // actors)))
     blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
     gpus = 1 if spec.device == "cuda" or (
         spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
     ds = ray.data.from_arrow(blocks).map_batches(
-        partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage),
+        partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage,
+                reduced=reduced_decode),
         batch_size=decode_rows, batch_format="numpy", num_cpus=decode_cpus,
         max_retries=BATCH_RETRIES,
     )

@@ -1,9 +1,15 @@
 """Read, hash and decode image files into fixed-size RGB pixel arrays.
 
 A plain function over a batch of rows (Ray Data calls it in CPU tasks).  Every failure becomes a
-row with a ``stage`` and a readable ``error``; nothing here raises for a bad input.  Decoding
-mirrors open_clip's preprocessing (bicubic resize of the shorter side, centre crop) but starts
-from ``Image.draft`` so JPEGs are decoded at reduced size, which is most of the cost.
+row with a ``stage`` and a readable ``error``; nothing here raises for a bad input.
+
+The pixels are exactly open_clip's inference transform up to the tensor (torchvision's
+``Resize`` of the shorter side, bicubic, the longer side truncated; ``CenterCrop`` with rounded
+offsets; RGB conversion after the crop), applied to the upright (EXIF-oriented) image, so the
+vectors are those of the reference model.  One deliberate difference, on by default: JPEGs are
+decoded at reduced size (``Image.draft``), which is most of the decode cost; ``reduced=False``
+(``MMRAG_REDUCED_DECODE=false``) gives exact parity.  Images with alpha, 16-bit or palette
+images are made RGB first (alpha composited on white), where open_clip would drop the alpha.
 """
 
 from __future__ import annotations
@@ -58,17 +64,44 @@ def read_bytes(uri: str, storage: StorageConfig | None = None,
     return data
 
 
-def decode(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
+#: modes open_clip resizes as they are, converting to RGB after the crop
+_NATIVE_MODES = {"RGB", "L", "CMYK"}
+
+
+def decode(data: bytes, size: int, max_pixels: int,
+           reduced: bool = True) -> tuple[np.ndarray, int, int]:
     """Bytes → (uint8 (size, size, 3), width, height after EXIF orientation)."""
-    im, width, height = open_rgb(data, size, max_pixels)
-    return _center_crop(im, size), width, height
+    im, width, height = open_image(data, size, max_pixels, reduced)
+    if im.mode not in _NATIVE_MODES:
+        im = to_rgb(im)
+    return clip_crop(im, size), width, height
+
+
+def clip_crop(im: Image.Image, size: int) -> np.ndarray:
+    """open_clip's ``Resize(size)`` + ``CenterCrop(size)`` + RGB, as torchvision computes them."""
+    w, h = im.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if new != (w, h):
+        im = im.resize(new, Image.Resampling.BICUBIC)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return np.asarray(im.crop((left, top, left + size, top + size)).convert("RGB"),
+                      dtype=np.uint8)
 
 
 def open_rgb(data: bytes, size: int, max_pixels: int) -> tuple[Image.Image, int, int]:
-    """Bytes → (oriented RGB image decoded at reduced scale where possible, width, height).
+    """Bytes → (oriented RGB image decoded at reduced scale where possible, width, height);
+    prompts, reports and augmentations use it."""
+    im, width, height = open_image(data, size, max_pixels)
+    return to_rgb(im), width, height
+
+
+def open_image(data: bytes, size: int, max_pixels: int,
+               reduced: bool = True) -> tuple[Image.Image, int, int]:
+    """Bytes → (loaded, EXIF-oriented image in its own mode, width, height).
 
     The one place that applies the ingest guards (pixel limit before decoding, PIL's bomb
-    warning as an error, every failure a ``Rejected`` with its reason); prompts reuse it."""
+    warning as an error, every failure a ``Rejected`` with its reason).  ``reduced``: JPEGs
+    are decoded at the smallest DCT scale that still covers ``size``."""
     if not data:
         raise Rejected("decode", "empty file (0 bytes)")
     try:
@@ -82,7 +115,7 @@ def open_rgb(data: bytes, size: int, max_pixels: int) -> tuple[Image.Image, int,
                     f"image too large: {width}x{height} = {width * height:,} pixels exceeds the "
                     f"limit of {max_pixels:,} (decompression-bomb guard)",
                 )
-            return _load_rgb(im, size), width, height
+            return _load(im, size, reduced), width, height
     except Rejected:
         raise
     except UnidentifiedImageError as e:
@@ -102,22 +135,11 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPS_AXES else (width, height)
 
 
-def _load_rgb(im: Image.Image, size: int) -> Image.Image:
-    """Reduced-size decode (JPEG draft: most of the cost), orientation, RGB."""
-    if im.format == "JPEG":
+def _load(im: Image.Image, size: int, reduced: bool) -> Image.Image:
+    if reduced and im.format == "JPEG":
         im.draft("RGB", (size, size))
     im.load()
-    return to_rgb(ImageOps.exif_transpose(im))
-
-
-def _center_crop(im: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic, as open_clip), then the centre square."""
-    w, h = im.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    im = im.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new[0] - size) // 2, (new[1] - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return ImageOps.exif_transpose(im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -140,7 +162,7 @@ def sha256(data: bytes) -> str:
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
-                 storage: StorageConfig | None = None) -> dict:
+                 storage: StorageConfig | None = None, reduced: bool = True) -> dict:
     """Ray Data ``map_batches`` function: adds image_id, width, height, pixels, stage, error.
 
     "" (not None) marks "no value": Ray turns an all-None object column into float NaN.
@@ -155,7 +177,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
         try:
             data = read_bytes(str(uri), storage)
             image_id[i] = sha256(data)
-            pixels[i], width[i], height[i] = decode(data, size, max_pixels)
+            pixels[i], width[i], height[i] = decode(data, size, max_pixels, reduced)
         except Rejected as r:
             stage[i], error[i] = r.stage, r.error
         except Exception as e:  # noqa: BLE001 - one file must never stop the batch

@@ -51,12 +51,14 @@ class ClipSpec:
         """Stored in tables: model name + tag, or checkpoint file name (not machine-specific).
 
         Multi-scale vectors differ from single-scale ones, so the scales are part of the label
-        (and hence of the table-set suffix): the two never mix in one table."""
+        (and hence of the table-set suffix): the two never mix in one table.  So is int8: its
+        vectors move further from fp32 ones than bf16's do (measured, docs/performance.md)."""
         tag = self.pretrained
         if os.sep in tag or tag.endswith((".pt", ".bin", ".safetensors")):
             tag = Path(tag).name
         multi = "" if self.scales == (1.0,) else "@ms" + "+".join(f"{z:g}" for z in self.scales)
-        return f"{self.model}/{tag}{multi}"
+        int8 = "@int8" if self.precision == "int8" else ""
+        return f"{self.model}/{tag}{multi}{int8}"
 
 
 def ensure_tiny_clip(cache_dir: str | Path, seed: int = 0) -> tuple[str, str]:
@@ -134,8 +136,14 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_dtype(precision: str, device: str):
+    """The dtype the model computes in; int8 quantises the image tower's linear layers and
+    computes the rest in fp32 (CPU only)."""
     import torch
 
+    if precision == "int8":
+        if device != "cpu":
+            raise ValueError("precision int8 is a CPU option; use fp16 on a GPU")
+        return torch.float32
     if precision == "auto":
         precision = "fp16" if device == "cuda" else "bf16" if cpu_has_bf16() else "fp32"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -156,6 +164,8 @@ class Clip:
         )
         self.spec, self.dtype = spec, pick_dtype(spec.precision, self.device)
         self.model = model.to(self.dtype).eval()
+        if spec.precision == "int8":
+            self.model.visual = quantize_int8(self.model.visual)
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -203,6 +213,23 @@ class Clip:
         with torch.inference_mode():
             tokens = self.tokenizer(texts).to(self.device)
             return _normalise(self.model.encode_text(tokens))
+
+
+def quantize_int8(module):
+    """Dynamic int8 quantisation of the linear layers (weights int8, activations quantised per
+    batch): the MLPs, about two thirds of a ViT's FLOPs (torch leaves the attention's own
+    projections in fp32).  torch's eager
+    quantisation API announces its own deprecation on every call; it is still the one that runs
+    without extra packages, so those notices are silenced here and nowhere else."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated")
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _normalise(feats) -> np.ndarray:
