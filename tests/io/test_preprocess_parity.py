@@ -101,3 +101,20 @@ def test_old_crop_rule_would_fail_the_parity_bound(reference):
     left = (new[0] - SIZE) // 2
     old = np.asarray(old.crop((left, 0, left + SIZE, SIZE)))
     assert psnr(old, reference(data)) < EXACT_DB
+
+
+def test_the_setting_reaches_the_decode_tasks(tmp_path):
+    """``MMRAG_REDUCED_DECODE=false`` travels to ``decode_batch`` through the pipeline knobs."""
+    from flows.config import pipeline_opts
+    from mmrag.settings import Settings
+    from tasks.io.images import decode_batch
+
+    assert pipeline_opts(Settings(reduced_decode=False))["reduced_decode"] is False
+    assert pipeline_opts(Settings())["reduced_decode"] is True
+    path = tmp_path / "a.jpg"
+    path.write_bytes(CASES["16:9 jpeg"]())
+    batch = {"source_uri": np.array([str(path)], dtype=object)}
+    exact = decode_batch(batch, SIZE, 10**9, reduced=False)["pixels"][0]
+    reduced = decode_batch(batch, SIZE, 10**9)["pixels"][0]
+    assert np.array_equal(exact, decode(path.read_bytes(), SIZE, 10**9, reduced=False)[0])
+    assert not np.array_equal(exact, reduced)
