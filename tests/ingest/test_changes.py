@@ -12,7 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import tables
-from fault_checks import change_dump, cli, one_line_error
+from fault_checks import (
+    change_dump,
+    cli,
+    one_line_error,
+    stop_ephemeral_prefect,  # noqa: F401 - autouse
+)
 
 from flows.ingest import ingest_flow
 
