@@ -90,7 +90,7 @@ def check_deletions(plan: Plan, moved: pl.DataFrame, source: str, opts: ChangeOp
             f"{gone.height} of the {known} files known under {source} are gone "
             f"({fraction:.0%} > MMRAG_MAX_DELETE_FRACTION={opts.max_delete_fraction:g}): "
             "nothing was deleted and no table changed; if they were removed on purpose, "
-            "re-run with --allow-deletes")
+            "re-run with --allow-deletes (or a larger MMRAG_MAX_DELETE_FRACTION)")
 
 
 def apply(tables: store.Tables, plan: Plan, moved: pl.DataFrame, run_id: str,

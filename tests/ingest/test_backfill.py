@@ -326,7 +326,7 @@ def test_backfills_apply_changes_and_keep_the_safety_valve(tmp_path, settings, r
 
     from flows.backfill import backfill_flow
 
-    dumps = _dumps(tmp_path / "root", [8, 8], first_seed=400)
+    dumps = _dumps(tmp_path / "root", [12, 8], first_seed=400)  # 2 of 12 deleted: < 20%
     backfill_flow.fn(roots=dumps, settings=settings)
     what = change_dump(Path(dumps[0]))
     for path in sorted(Path(dumps[1]).rglob("*.JPG"))[:4]:
@@ -343,5 +343,5 @@ def test_backfills_apply_changes_and_keep_the_safety_valve(tmp_path, settings, r
     assert deleted == {str(p) for p in (*what["deleted"], what["moved"][0])}
     cities = dict(t["images"].select("source_uri", "city").iter_rows())
     assert [cities[str(p)] for p in what["edited"]] == [f"Renamed City {i}" for i in range(3)]
-    assert t["images"].height == 16 - 2 and str(what["moved"][1]) in cities
-    assert rows[dumps[0]]["seen"] == 6
+    assert t["images"].height == 20 - 2 and str(what["moved"][1]) in cities
+    assert rows[dumps[0]]["seen"] == 10
