@@ -126,8 +126,8 @@ def _before_ledger(_tables) -> None:
 
 
 #: every function through which a run writes a table (besides ``images.add`` in commits)
-_WRITES = ("upsert_source", "upsert_rejects", "upsert_files", "delete_images", "update_images",
-           "refresh_indexes")
+_WRITES = ("upsert_source", "upsert_rejects", "upsert_files", "update_files", "delete_images",
+           "update_images", "refresh_indexes")
 
 
 def _kill_after_nth_write() -> None:

@@ -99,11 +99,11 @@ def apply(tables: store.Tables, plan: Plan, moved: pl.DataFrame, run_id: str,
     metadata changes touch (``full``: every image of the dump, after an unfinished run)."""
     now = datetime.now(UTC)
     vanished = plan.vanished if plan.vanished is not None else _no_rows()
-    store.upsert_files(tables.files, pa.concat_tables([
-        file_rows(moved.with_columns(status=pl.lit("duplicate")), run_id),
-        file_rows(vanished.with_columns(status=pl.lit("deleted"), deleted_run_id=pl.lit(run_id),
-                                        deleted_at=pl.lit(now)), None),
-    ]))
+    store.upsert_files(tables.files, file_rows(moved.with_columns(status=pl.lit("duplicate")),
+                                               run_id))
+    store.update_files(tables.files, vanished.select(
+        "source_uri", status=pl.lit("deleted"), deleted_run_id=pl.lit(run_id),
+        deleted_at=pl.lit(now)).to_arrow())
     changed = plan.meta_changed if plan.meta_changed is not None else _no_rows()
     ids = {*vanished["image_id"].drop_nulls(), *moved["image_id"], *changed["image_id"]}
     if full:
@@ -115,7 +115,7 @@ def apply(tables: store.Tables, plan: Plan, moved: pl.DataFrame, run_id: str,
 
 def dump_image_ids(tables: store.Tables, uri_root: str) -> set[str]:
     """Every image a file of the dump holds or held, and every image row pointing into it."""
-    ledger = store.ledger_frame(tables.files).filter(in_dump(uri_root))
+    ledger = store.ledger_frame(tables.files, ["source_uri", "image_id"]).filter(in_dump(uri_root))
     rows = tables.images.to_polars().select("image_id", "source_uri").filter(in_dump(uri_root))
     return {*ledger["image_id"].drop_nulls(), *rows.collect()["image_id"]}
 

@@ -26,6 +26,8 @@ PLAN_COLUMNS = (
     *META_VALUES, "meta_hash", "old_image_id",
 )
 KEYS = ["source_uri", "size", "mtime"]
+#: the ledger columns planning reads
+LEDGER_COLUMNS = [*KEYS, "image_id", "status", "meta_hash"]
 _NAME_REGEX = "(?i)" + FILE_NAME_PATTERN.pattern
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from schemas.tables import LIVE_STATUSES, files_schema
+from schemas.tables import LIVE_STATUSES
 from tasks.ingest.plan import META_VALUES
 from tasks.io import store
 
@@ -40,7 +40,7 @@ def reconcile(tables: store.Tables, image_ids, meta: pl.DataFrame | None = None,
     ids = sorted({i for i in image_ids if i})
     if not ids:
         return Reconciled()
-    ledger = store.ledger_frame(tables.files)
+    ledger = store.ledger_frame(tables.files, [*IDENTITY, "image_id", "status", "meta_hash"])
     live = ledger.filter(pl.col("image_id").is_in(ids), pl.col("status").is_in(LIVE_STATUSES))
     winners = (live.sort("source_uri").group_by("image_id", maintain_order=True).first()
                .select("image_id", *IDENTITY))
@@ -50,7 +50,7 @@ def reconcile(tables: store.Tables, image_ids, meta: pl.DataFrame | None = None,
     store.delete_images(tables.images, gone)
     store.update_images(tables.images, changed.to_arrow().cast(
         _schema(tables.images, changed.columns)))
-    store.upsert_files(tables.files, _ledger_fixes(live, winners, hashes).to_arrow())
+    store.update_files(tables.files, _ledger_fixes(live, winners, hashes).to_arrow())
     return Reconciled(len(gone), n_meta, n_moved)
 
 
@@ -93,8 +93,8 @@ def _schema(images, columns: list[str]) -> pa.Schema:
 
 def _ledger_fixes(live: pl.DataFrame, winners: pl.DataFrame,
                   hashes: pl.DataFrame | None) -> pl.DataFrame:
-    """Full ledger rows whose status (ingested for the winner, else duplicate) or meta_hash
-    must change."""
+    """(source_uri, status, meta_hash) of the ledger rows whose status (ingested for the
+    winner, else duplicate) or meta_hash must change."""
     rows = live.join(winners.select("image_id", pl.col("source_uri").alias("_w")), on="image_id")
     rows = rows.with_columns(_status=pl.when(pl.col("source_uri") == pl.col("_w"))
                              .then(pl.lit("ingested")).otherwise(pl.lit("duplicate")))
@@ -106,5 +106,4 @@ def _ledger_fixes(live: pl.DataFrame, winners: pl.DataFrame,
     rows = rows.with_columns(_h=pl.coalesce("_h", "meta_hash"))
     fix = rows.filter((pl.col("status") != pl.col("_status"))
                       | pl.col("meta_hash").ne_missing(pl.col("_h")))
-    return fix.with_columns(status=pl.col("_status"), meta_hash=pl.col("_h")).select(
-        files_schema().names)
+    return fix.select("source_uri", status=pl.col("_status"), meta_hash=pl.col("_h"))

@@ -32,7 +32,15 @@ from tasks.ingest.changes import (
 from tasks.ingest.commit import TRANSIENT_STAGES, commit_chunk, latest  # noqa: F401 - the API
 from tasks.ingest.discover import list_dump, open_source
 from tasks.ingest.metadata import load_metadata, metadata_stat
-from tasks.ingest.plan import KEYS, META_VALUES, Plan, in_dump, live_rows, plan_ingest
+from tasks.ingest.plan import (
+    KEYS,
+    LEDGER_COLUMNS,
+    META_VALUES,
+    Plan,
+    in_dump,
+    live_rows,
+    plan_ingest,
+)
 from tasks.ingest.reconcile import reconcile
 from tasks.io import store
 from tasks.io.images import read_bytes
@@ -134,7 +142,7 @@ def _plan_and_apply(tables: store.Tables, listing: pa.Table, meta, uri_root: str
     """Under the writer lock: plan against the newest ledger, refuse mass deletions before any
     write, then mark the dump running, record rejects and apply what needs no embedding."""
     latest(tables)
-    files = store.ledger_frame(tables.files)
+    files = store.ledger_frame(tables.files, LEDGER_COLUMNS)
     plan = plan_ingest(listing, meta, files if files.height else None, uri_root)
     moved = find_moves(plan, lambda uri: read_bytes(uri, storage))
     check_deletions(plan, moved, uri_root, opts)
@@ -168,7 +176,8 @@ def close_dump(tables: store.Tables, todo: pl.DataFrame, meta: pl.DataFrame | No
     dropped), then mark the dump's run done.  Under the writer lock; returns images dropped."""
     latest(tables)
     uris = todo["source_uri"].implode()
-    held = store.ledger_frame(tables.files).filter(pl.col("source_uri").is_in(uris))
+    held = store.ledger_frame(tables.files, ["source_uri", "image_id"]).filter(
+        pl.col("source_uri").is_in(uris))
     ids = {*held["image_id"].drop_nulls(), *todo["old_image_id"].drop_nulls()}
     removed = reconcile(tables, ids, meta).images_deleted
     finish_source(tables, dump_root(todo), run_id, removed)

@@ -209,11 +209,21 @@ def ledger(files) -> pl.LazyFrame | None:
     return files.to_polars() if files.count_rows() else None
 
 
-def ledger_frame(files) -> pl.DataFrame:
-    """The whole ledger (no vectors in it), or an empty frame with the contract's columns."""
+def ledger_frame(files, columns: list[str] | None = None) -> pl.DataFrame:
+    """The whole ledger (``columns`` of it: a million rows hold ~100 bytes per string column),
+    or an empty frame with the contract's columns."""
     if files.count_rows():
-        return files.to_polars().collect()
-    return pl.from_arrow(files_schema().empty_table())
+        lazy = files.to_polars()
+        return (lazy.select(columns) if columns else lazy).collect()
+    empty = pl.from_arrow(files_schema().empty_table())
+    return empty.select(columns) if columns else empty
+
+
+def update_files(files, table: pa.Table) -> None:
+    """Rewrite some columns of existing ledger rows (``source_uri`` + the columns)."""
+    if table.num_rows:
+        schema = pa.schema([files_schema().field(c) for c in table.column_names])
+        files.merge_insert("source_uri").when_matched_update_all().execute(table.cast(schema))
 
 
 def image_rows(images, image_ids, columns: list[str]) -> pl.DataFrame:
