@@ -4,8 +4,8 @@
   planning step reads); when its bytes are that file's image, it is a move: it gets a ledger row
   at once and is never decoded or embedded.
 - **Safety valve.** When more than ``max_delete_fraction`` of the dump's known files vanished
-  (moves aside) the run refuses before writing anything: an unmounted disk or a half-synced
-  bucket looks exactly like that.
+  with their bytes (moved files and copies of a file still there aside) the run refuses before
+  writing anything: an unmounted disk or a half-synced bucket looks exactly like that.
 - **Deletions** become ledger status ``deleted`` (with run id and time); the images they held
   are reconciled (``tasks.ingest.reconcile``): deleted when no live file holds them.
 - **Metadata**: the images of unchanged files whose metadata hash changed are reconciled, which
@@ -81,8 +81,9 @@ def check_deletions(plan: Plan, moved: pl.DataFrame, source: str, opts: ChangeOp
     """Raise ``DeletionRefused`` when too large a share of the dump's known files vanished."""
     if plan.vanished is None or not plan.vanished.height or opts.allow_deletes:
         return
-    gone = plan.vanished.filter(~pl.col("image_id").is_in(moved["image_id"].implode())
-                                .fill_null(False))
+    moved_ids = moved["image_id"].implode()
+    gone = plan.vanished.filter(~pl.col("kept"),
+                                ~pl.col("image_id").is_in(moved_ids).fill_null(False))
     known = plan.known
     fraction = gone.height / max(known, 1)
     if fraction > opts.max_delete_fraction:

@@ -34,7 +34,8 @@ _NAME_REGEX = "(?i)" + FILE_NAME_PATTERN.pattern
 @dataclass
 class Plan:
     """``todo``: files to read (with metadata); ``listed``: every listed file with its metadata
-    and ``meta_hash``; ``vanished``: the dump's live ledger rows whose file is gone;
+    and ``meta_hash``; ``vanished``: the dump's live ledger rows whose file is gone (``kept``:
+    a listed file the ledger knows holds the same bytes);
     ``meta_changed``: unchanged files whose metadata hash changed; ``rejects``: found without
     reading anything."""
 
@@ -117,7 +118,9 @@ def plan_ingest(listing: pa.Table, meta: Metadata, ledger: pl.DataFrame | pl.Laz
         todo = todo.join(known.select("source_uri", pl.col("image_id").alias("old_image_id")),
                          on="source_uri", how="left")
         mine = live_rows(known, uri_root)
-        vanished = mine.join(files.select("source_uri"), on="source_uri", how="anti")
+        still = known.join(files.select("source_uri"), on="source_uri", how="semi")["image_id"]
+        vanished = mine.join(files.select("source_uri"), on="source_uri", how="anti").with_columns(
+            kept=pl.col("image_id").is_in(still.drop_nulls().implode()).fill_null(False))
         meta_changed = _meta_changed(joined, known)
         mine = mine.height
     todo = todo.select(PLAN_COLUMNS)

@@ -223,7 +223,9 @@ def test_killed_after_any_write_of_a_change_run(changed, tmp_path, ray_session):
         again = ingest_flow.fn(str(dump), settings)
         assert again["todo"] == 0, again  # nothing was embedded again
         assert_same_as_clean(settings.db, clean.db, gone)
-    assert kills >= 6, "the change run made fewer writes than it must"
+    # sources running, rejects, escapes, moved rows, deletions, images deleted, images updated,
+    # ledger fixes, sources running, indexes, sources done: 11 writes, 11 kills (measured)
+    assert kills >= 10, f"only {kills} kill points: the change run's writes were not all reached"
     assert_same_as_clean(settings.db, clean.db, gone)  # the run that was not killed
 
 

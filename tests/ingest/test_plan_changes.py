@@ -74,6 +74,19 @@ def test_the_valve_counts_known_files_and_ignores_moves():
     check_deletions(plan, moved, ROOT, ChangeOptions(0.2))  # only 1 of 10 really gone
 
 
+def test_the_valve_ignores_files_whose_bytes_are_still_there():
+    """A deleted copy, or a move whose new path is already in the ledger (a run killed halfway),
+    loses no image: it is deleted without counting toward the valve."""
+    listing = _listing([f"{i}.jpg" for i in range(4)])
+    meta = _meta([])
+    ledger = _ledger(listing, meta)
+    copies = ledger.head(2).with_columns(source_uri=pl.format("/d/copy{}", pl.col("source_uri")
+                                                              .str.slice(3)))
+    plan = plan_ingest(listing, meta, pl.concat([ledger, copies]), ROOT)
+    assert plan.vanished["kept"].to_list() == [True, True] and plan.known == 6
+    check_deletions(plan, find_moves(plan, lambda uri: b""), ROOT, ChangeOptions(0.2))
+
+
 def test_moves_are_found_by_size_then_bytes():
     listing = _listing(["old/a.jpg", "old/b.jpg"])
     meta = _meta([])
