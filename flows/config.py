@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mmrag.settings import Settings
 from schemas.tables import table_names, table_suffix
+from tasks.ingest.changes import ChangeOptions
 from tasks.io.cluster import RayConfig
 from tasks.io.objstore import StorageConfig
 from tasks.io.store import IndexPolicy
@@ -41,6 +42,11 @@ def search_options(settings: Settings) -> dict:
 def index_policy(settings: Settings) -> IndexPolicy:
     return IndexPolicy(settings.ann_min_rows, settings.ann_index,
                        settings.version_retention_days)
+
+
+def change_options(settings: Settings, allow_deletes: bool = False) -> ChangeOptions:
+    """The deletion safety valve (``allow_deletes``: this run may delete any share)."""
+    return ChangeOptions(settings.max_delete_fraction, allow_deletes)
 
 
 def engine_config(settings: Settings) -> EngineConfig:

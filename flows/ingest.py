@@ -25,8 +25,9 @@ from tasks.models.clip import TINY_WARNING, model_shape
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(source: str, settings: Settings, run_id: str) -> tuple[str, dict]:
-    return plan_source(source, settings, run_id)
+def plan_task(source: str, settings: Settings, run_id: str,
+              allow_deletes: bool = False) -> tuple[str, dict]:
+    return plan_source(source, settings, run_id, allow_deletes=allow_deletes)
 
 
 @task(name="embed-and-write", cache_policy=NO_CACHE)
@@ -35,14 +36,19 @@ def embed_task(plan_path: str, total: int, settings: Settings, run_id: str) -> d
 
 
 def plan_source(source: str, settings: Settings, run_id: str,
-                plan_name: str = "plan.parquet") -> tuple[str, dict]:
-    """List SOURCE and anti-join the ledger (no image bytes read); the plan goes to a file."""
+                plan_name: str = "plan.parquet", allow_deletes: bool = False) -> tuple[str, dict]:
+    """List SOURCE and compare it with the ledger; apply moves, deletions and metadata changes
+    (no image embedded); the plan of files to embed goes to a file."""
     spec = config.clip_spec(settings)
     plan_path = Path(settings.work_dir) / run_id / plan_name
     counts = ingest.prepare(source, settings.db, spec, model_shape(spec)[0], run_id, plan_path,
-                            settings.table_suffix, config.storage(settings))
-    _logger("mmrag.ingest").info("%s: seen %d files, %d unchanged, %d to read", source, counts.seen,
-                   counts.unchanged, counts.todo)
+                            settings.table_suffix, config.storage(settings),
+                            config.change_options(settings, allow_deletes),
+                            config.index_policy(settings))
+    _logger("mmrag.ingest").info(
+        "%s: seen %d files, %d unchanged, %d to read; metadata updated %d, files deleted %d "
+        "(images %d), moved %d", source, counts.seen, counts.unchanged, counts.todo,
+        counts.metadata_updated, counts.deleted, counts.images_deleted, counts.moved)
     return str(plan_path), counts.as_dict()
 
 
@@ -70,13 +76,16 @@ def merge_counts(planned: dict, done: dict | None) -> dict:
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(source: str, settings: Settings | None = None) -> dict:
-    """Ingest the images under SOURCE into the LanceDB database of ``settings.db``."""
+def ingest_flow(source: str, settings: Settings | None = None,
+                allow_deletes: bool = False) -> dict:
+    """Ingest the images under SOURCE into the LanceDB database of ``settings.db``.
+
+    ``allow_deletes``: apply deletions even above ``max_delete_fraction`` (this run only)."""
     settings = settings or Settings()
     logger, run_id = _logger("mmrag.ingest"), _run_id()
     if settings.is_tiny:
         logger.warning(TINY_WARNING)
-    plan_path, planned = _call(plan_task, source, settings, run_id)
+    plan_path, planned = _call(plan_task, source, settings, run_id, allow_deletes)
     done = (_call(embed_task, plan_path, planned["todo"], settings, run_id)
             if planned["todo"] else None)
     summary = merge_counts(planned, done) | {"run_id": run_id, "source": source,

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(64, ge=1, description="images per model batch")
     decode_batch_size: int = Field(32, ge=1, description="files per decode task batch")
     commit_rows: int = Field(2048, ge=1, description="rows per LanceDB commit during ingest")
+    max_delete_fraction: float = Field(
+        0.2, ge=0, le=1, description="safety valve: an ingest that finds more than this share "
+        "of a dump's known files gone deletes nothing and exits 2 (mmrag ingest --allow-deletes "
+        "overrides once; 1 = never refuse)"
+    )
     ray_address: str | None = Field(None, description="Ray cluster address; None = local Ray")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None = all)")
     embed_actors: int = Field(

@@ -58,6 +58,7 @@ LANCE_TABLES = (
      "`images` (`images__<model>` for other CLIP models)"),
     ("files", lambda: t.FileRecord, t.files_schema, "`files` (`files__<model>`)"),
     ("rejects", lambda: t.RejectRecord, t.rejects_schema, "`rejects` (`rejects__<model>`)"),
+    ("sources", lambda: t.SourceRecord, t.sources_schema, "`sources` (`sources__<model>`)"),
     ("backfills", lambda: t.BackfillRecord, t.backfills_schema, "`backfills`"),
 )
 
@@ -126,8 +127,10 @@ def _lance_contracts() -> list[Contract]:
         m = model()
         docs = {k: v.description or "" for k, v in m.model_fields.items()}
         doc = next(c.__doc__ for c in m.__mro__ if c.__doc__)
-        out.append(Contract(name, "LanceDB table", where, _first_sentence(doc), None,
-                            tuple(_columns(schema(), docs, {}))))
+        arrow = schema()
+        version = (arrow.metadata or {}).get(b"mmrag.schema_version", b"").decode() or None
+        out.append(Contract(name, "LanceDB table", where, _first_sentence(doc), version,
+                            tuple(_columns(arrow, docs, {}))))
     return out
 
 

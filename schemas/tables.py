@@ -22,12 +22,15 @@ SCORE_COLUMNS = (
     "safer",
     "wealthier",
 )
-FILE_STATUSES = ("ingested", "duplicate", "rejected")
+FILE_STATUSES = ("ingested", "duplicate", "rejected", "deleted")
+#: statuses of files that hold an image now (``deleted`` files held one once)
+LIVE_STATUSES = ("ingested", "duplicate")
 REJECT_STAGES = ("path", "missing", "read", "decode", "metadata", "embed")
 
 IMAGES_TABLE = "images"
 FILES_TABLE = "files"
 REJECTS_TABLE = "rejects"
+SOURCES_TABLE = "sources"
 
 #: models whose tables carry no suffix: the two profiles' defaults
 UNSUFFIXED_MODELS = frozenset({
@@ -49,6 +52,11 @@ def table_suffix(clip_label: str) -> str:
 
 def table_names(suffix: str) -> tuple[str, str, str]:
     return IMAGES_TABLE + suffix, FILES_TABLE + suffix, REJECTS_TABLE + suffix
+
+
+def sources_table(suffix: str) -> str:
+    """The per-dump state of a table set (kept apart from ``table_names``' three)."""
+    return SOURCES_TABLE + suffix
 
 
 _SCORE_DOC = "Place Pulse perception score; null when missing or not a finite number"
@@ -74,7 +82,8 @@ class ImageIdentity(LanceModel):
     """Which bytes, and where they were first found."""
 
     image_id: str = Field(description="sha256 of the file bytes, hex")
-    source_uri: str = Field(description="absolute path or URI of the file that introduced it")
+    source_uri: str = Field(description="absolute path or URI of the file it comes from: of "
+                            "the live files holding these bytes, the smallest source_uri")
     rel_path: str = Field(description="path relative to the dump root, '/' separators")
     file_name: str = Field(description="base name of the file")
 
@@ -85,8 +94,8 @@ class ImageTech(LanceModel):
     width: int = Field(description="pixels, after EXIF orientation")
     height: int = Field(description="pixels, after EXIF orientation")
     clip_model: str = Field(description="open_clip model/pretrained that made the vector")
-    run_id: str = Field(description="ingest run that wrote the row")
-    ingested_at: datetime = Field(description="UTC time the row was written")
+    run_id: str = Field(description="ingest run that embedded the row")
+    ingested_at: datetime = Field(description="UTC time the row was first written")
 
 
 class ImageBase(ImageTech, ImageMeta, ImageIdentity):
@@ -103,6 +112,12 @@ def image_record(dim: int) -> type[LanceModel]:
     )
 
 
+#: ``files`` schema version (in the Arrow schema metadata).  History: 1 = the first ledger;
+#: 2 adds ``meta_hash``, ``deleted_run_id``, ``deleted_at`` and status ``deleted``.  A version-1
+#: table is upgraded in place when opened (the new columns added as nulls).
+FILES_SCHEMA_VERSION = "2"
+
+
 class FileRecord(LanceModel):
     """The ledger: one row per source file ever seen; makes runs incremental."""
 
@@ -112,8 +127,31 @@ class FileRecord(LanceModel):
     size: int = Field(description="bytes at listing time")
     mtime: float = Field(description="modification time at listing, seconds since epoch")
     image_id: str | None = Field(None, description="sha256 of its bytes; null when rejected")
-    status: str = Field(description="ingested | duplicate | rejected")
+    status: str = Field(description="ingested | duplicate | rejected | deleted")
     run_id: str = Field(description="run that recorded it")
+    meta_hash: str | None = Field(
+        None, description="sha256 of the file's metadata values (its metadata row, or its "
+        "name); null in rows written before schema version 2")
+    deleted_run_id: str | None = Field(
+        None, description="run that found the file gone from its dump (status deleted)")
+    deleted_at: datetime | None = Field(None, description="UTC time it was found gone")
+
+
+class SourceRecord(LanceModel):
+    """One row per dump: its metadata file as last applied, and what its last run changed."""
+
+    source: str = Field(description="dump root (absolute path or URI)")
+    status: str = Field(description="running | done (running after a run that did not finish: "
+                        "the next run re-checks the whole dump)")
+    run_id: str = Field(description="last run that changed the dump's rows")
+    metadata_uri: str | None = Field(None, description="metadata file applied (null: none)")
+    metadata_size: int | None = Field(None, description="its size in bytes when applied")
+    metadata_mtime: float | None = Field(None, description="its mtime when applied")
+    metadata_updated: int = Field(0, description="images rows whose metadata the run changed")
+    files_deleted: int = Field(0, description="files the run found gone (status deleted)")
+    images_deleted: int = Field(0, description="images rows the run deleted (no file left)")
+    moved: int = Field(0, description="files the run found moved (same bytes, new path)")
+    at: datetime = Field(description="UTC time of the run's last write")
 
 
 class RejectRecord(LanceModel):
@@ -132,7 +170,13 @@ def images_schema(dim: int) -> pa.Schema:
 
 
 def files_schema() -> pa.Schema:
-    return _tighten(FileRecord.to_arrow_schema())
+    schema = _tighten(FileRecord.to_arrow_schema())
+    return schema.with_metadata((schema.metadata or {}) | {
+        b"mmrag.schema_version": FILES_SCHEMA_VERSION.encode()})
+
+
+def sources_schema() -> pa.Schema:
+    return _tighten(SourceRecord.to_arrow_schema())
 
 
 def rejects_schema() -> pa.Schema:

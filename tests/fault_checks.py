@@ -13,6 +13,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import prefect.main  # noqa: F401 - see below
 import pytest
 from conftest import tables
@@ -78,13 +79,15 @@ def expected_rows(dump: Path) -> dict:
 
 
 def assert_consistent(db: str) -> dict:
-    """What must hold at ANY moment, even right after a kill: no duplicate keys, and no
-    ledger row pointing at an image that is not stored (the ledger is written last)."""
+    """What must hold at ANY moment, even right after a kill: no duplicate keys, and no live
+    ledger row pointing at an image that is not stored (the ledger is written last; an image is
+    deleted only after the last file holding it is marked ``deleted``)."""
     t = tables(db)
     assert t["images"]["image_id"].is_duplicated().sum() == 0
     assert t["files"]["source_uri"].is_duplicated().sum() == 0
     assert t["rejects"].select("source_uri", "stage").is_duplicated().sum() == 0
-    pointed = set(t["files"]["image_id"].drop_nulls())
+    live = t["files"].filter(pl.col("status") != "deleted")
+    pointed = set(live["image_id"].drop_nulls())
     assert pointed <= set(t["images"]["image_id"]), "ledger row without its image"
     return t
 
@@ -96,7 +99,7 @@ def assert_exactly(db: str, want: dict) -> dict:
     assert dict(t["files"].select("source_uri", "image_id").iter_rows()) == want["files"]
     assert set(t["images"]["image_id"]) == set(want["images"])
     for image_id, uri in t["images"].select("image_id", "source_uri").iter_rows():
-        assert uri in want["images"][image_id]  # stored by a file that holds these bytes
+        assert uri == min(want["images"][image_id])  # the smallest path holding these bytes
     introducer = dict(t["images"].select("source_uri", "image_id").iter_rows())
     for uri, status in t["files"].select("source_uri", "status").iter_rows():
         digest = want["files"][uri]
@@ -108,6 +111,51 @@ def assert_exactly(db: str, want: dict) -> dict:
     for uri, caption in t["images"].select("source_uri", "caption").iter_rows():
         assert caption == want["captions"].get(uri), uri
     return t
+
+
+#: what an incremental run must agree on with a clean ingest of the same dump
+IMAGE_COLUMNS = ("image_id", "source_uri", "rel_path", "file_name", "city", "lat", "lon",
+                 "place_id", "caption", "livelier", "more_beautiful", "more_boring",
+                 "more_depressing", "safer", "wealthier", "width", "height")
+
+
+def assert_same_as_clean(db: str, clean_db: str, gone: set[str]) -> dict:
+    """``db`` (ingested, changed, re-ingested) holds what a clean ingest of the changed dump
+    holds: the same live files with the same images, statuses and metadata hashes, the same
+    images rows and vectors, the clean run's rejects; and exactly ``gone`` marked deleted."""
+    t, c = assert_consistent(db), assert_consistent(clean_db)
+    live = t["files"].filter(pl.col("status") != "deleted")
+    cols = ["source_uri", "rel_path", "image_id", "status", "meta_hash"]
+    assert live.select(cols).sort("source_uri").equals(c["files"].select(cols).sort("source_uri"))
+    deleted = t["files"].filter(pl.col("status") == "deleted")
+    assert set(deleted["source_uri"]) == gone
+    assert deleted["deleted_run_id"].null_count() == 0 and deleted["deleted_at"].null_count() == 0
+    mine, want = (x["images"].sort("image_id") for x in (t, c))
+    assert mine.select(IMAGE_COLUMNS).equals(want.select(IMAGE_COLUMNS))
+    assert np.allclose(np.stack(mine["vector"].to_numpy()), np.stack(want["vector"].to_numpy()),
+                       atol=1e-5)
+    pairs = set(t["rejects"].select("source_uri", "stage").iter_rows())
+    assert set(c["rejects"].select("source_uri", "stage").iter_rows()) <= pairs
+    return t
+
+
+def change_dump(root: Path) -> dict:
+    """The issue's scenario on a sample dump: the city and one score of 3 images edited in
+    metadata.json, 2 image files deleted, 1 moved into another sub-folder.  Returns the real
+    paths of what changed ({"edited", "deleted", "moved": (old, new)})."""
+    meta = root / "metadata.json"
+    records = json.loads(meta.read_text())
+    paths = [Path(os.path.realpath(root / r["Relative Path"].replace("\\", "/")))
+             for r in records]
+    for i, rec in enumerate(records[:3]):
+        rec["City"], rec["safer"] = f"Renamed City {i}", "9.25"
+    meta.write_text(json.dumps(records, indent=1))
+    for path in paths[3:5]:
+        path.unlink()
+    new = paths[5].parent.parent / "moved here" / paths[5].name
+    new.parent.mkdir()
+    os.rename(paths[5], new)
+    return {"edited": paths[:3], "deleted": paths[3:5], "moved": (paths[5], new)}
 
 
 def runner_env(settings, ray_session, counter: Path, **extra: str) -> dict:

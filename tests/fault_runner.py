@@ -11,7 +11,10 @@ normal entry point (``ingest_flow.fn`` / ``query_flow.fn``) with ``Settings()`` 
 Ingest faults: ``decode`` / ``embed`` (a Ray worker or CLIP actor SIGKILLs the driver after
 finishing its N-th batch), ``write`` (the driver dies while LanceDB writes the N-th commit's
 ``images`` fragment), ``between`` (it dies after the N-th commit wrote ``images`` and
-``rejects``, before the ``files`` ledger rows), ``none``.  Query faults: ``generate`` (killed
+``rejects``, before the ``files`` ledger rows), ``change`` (it dies right after its N-th write
+to any table: the ``sources`` row, rejects, ledger rows, images updates or deletions, index
+refresh), ``close`` (it dies after the last chunk, before the run reconciled and closed the
+dump), ``none``.  Query faults: ``generate`` (killed
 inside the N-th generation batch), ``write`` (killed with a torn temp answers file), ``none``.
 ``actor_dies`` / ``decode_dies`` (the worker kills itself, the driver lives) are used in-process
 by the tests through :func:`install`.
@@ -122,6 +125,28 @@ def _before_ledger(_tables) -> None:
     tasks.ingest.run.store.upsert_files = killing_upsert
 
 
+#: every function through which a run writes a table (besides ``images.add`` in commits)
+_WRITES = ("upsert_source", "upsert_rejects", "upsert_files", "update_files", "delete_images",
+           "update_images", "refresh_indexes")
+
+
+def _kill_after_nth_write() -> None:
+    store = tasks.ingest.run.store
+    for name in _WRITES:
+        def write(*args, _real=getattr(store, name), **kwargs):
+            out = _real(*args, **kwargs)
+            if nth_call():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        setattr(store, name, write)
+
+
+def _kill_before_close() -> None:
+    def close(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    tasks.ingest.run.close_dump = close
+
+
 def _on_nth_commit(arm) -> None:
     """Wrap ``commit_chunk``: on the N-th commit, ``arm(tables)`` plants the kill first."""
     real = tasks.ingest.run.commit_chunk
@@ -151,6 +176,10 @@ def install(fault: str, n: int, counter: str, poison: str = "", patch=setattr) -
         _on_nth_commit(_during_images_add)
     elif fault == "between":
         _on_nth_commit(_before_ledger)
+    elif fault == "change":
+        _kill_after_nth_write()
+    elif fault == "close":
+        _kill_before_close()
     elif fault != "none":
         raise SystemExit(f"unknown ingest fault {fault!r}")
 

@@ -43,18 +43,23 @@ def sample_queries(
 def ingest(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="dump folder (or object-store URL)")],
+    allow_deletes: Annotated[bool, typer.Option(
+        "--allow-deletes", help="apply deletions even when more than MMRAG_MAX_DELETE_FRACTION "
+        "of the dump's known files are gone (this run only)")] = False,
 ) -> None:
-    """Embed the new images under SOURCE into LanceDB (incremental, idempotent)."""
+    """Embed the new images under SOURCE into LanceDB and apply what changed (metadata, deleted
+    and moved files): incremental, idempotent."""
     settings = settings_from(ctx)
     from flows.ingest import ingest_flow
+    from tasks.ingest.changes import DeletionRefused
     from tasks.ingest.discover import SourceError
     from tasks.ingest.pipeline import PipelineError
     from tasks.io.store import StoreError
 
     try:
         preflight(source, settings)
-        summary = run_flow(settings.work_dir, ingest_flow, source, settings)
-    except (SourceError, StoreError, PipelineError) as e:
+        summary = run_flow(settings.work_dir, ingest_flow, source, settings, allow_deletes)
+    except (SourceError, StoreError, PipelineError, DeletionRefused) as e:
         fatal(str(e))
     print_summary(summary)
 
@@ -82,6 +87,11 @@ def print_summary(summary: dict) -> None:
         f"  {summary.get('seconds', 0)} s, {summary.get('images_per_s', 0)} images/s "
         f"-> {summary['db']}",
     ]
+    changed = [summary.get(k, 0) for k in ("metadata_updated", "deleted", "images_deleted",
+                                           "moved")]
+    if any(changed):
+        lines.insert(2, f"  metadata updated {changed[0]}, files deleted {changed[1]} "
+                        f"(images removed {changed[2]}), moved {changed[3]}")
     if summary.get("tiny_profile"):
         lines.append("  NOTE: profile 'tiny' - random-weight CLIP, vectors are meaningless")
     typer.echo("\n".join(lines))

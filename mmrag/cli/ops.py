@@ -98,7 +98,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     runs: Annotated[int, typer.Option(min=1, help="how many recent runs to list")] = 10,
 ) -> None:
-    """Tables, row counts, versions, indexes, rejects, recent runs and answer partitions."""
+    """Tables, row counts, versions, indexes, rejects, dumps (live/deleted files, last run's
+    changes), recent runs and answer partitions."""
     from flows import config
     from tasks.io.status import answers_status, db_status
 
@@ -151,6 +152,14 @@ def _tables(db: dict) -> list:
     if db["rejects"]:
         tables.append(_grid("rejects by stage", ["table", "stage", "rows"],
                             [[r["table"], r["stage"], r["rows"]] for r in db["rejects"]]))
+    if db.get("sources"):
+        tables.append(_grid("sources", ["table set", "source", "live", "deleted", "last run",
+                                        "metadata updated", "files deleted", "images deleted",
+                                        "moved"],
+                            [[s["table_set"] or "-", s["source"], s["live"], s["deleted"],
+                              s["last_run_id"] or "-", s["metadata_updated"],
+                              s["files_deleted"], s["images_deleted"], s["moved"]]
+                             for s in db["sources"]]))
     if db["runs"]:
         tables.append(_grid("last runs", ["run_id", "table set", "images", "files", "rejects",
                                           "last write (UTC)"],
@@ -159,13 +168,16 @@ def _tables(db: dict) -> list:
     return tables
 
 
+_NUMERIC = {"rows", "files", "version", "images", "rejects", "indexed", "unindexed", "live",
+            "deleted", "metadata updated", "files deleted", "images deleted", "moved"}
+
+
 def _grid(title: str, columns: list[str], rows: list[list]):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for c in columns:
-        table.add_column(c, justify="right" if c in {"rows", "files", "version", "images",
-                                                     "rejects", "indexed", "unindexed"} else "left")
+        table.add_column(c, justify="right" if c in _NUMERIC else "left")
     for row in rows:
         table.add_row(*["" if v is None else str(v) for v in row])
     return table

@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from tasks.ingest.run import IngestCounts, commit_chunk, elapsed, latest
+from tasks.ingest.run import IngestCounts, close_dump, commit_chunk, elapsed, read_meta
 from tasks.io import store
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, model_shape
@@ -51,8 +51,9 @@ def process_plans(plans: dict[str, Path], db_uri: str, spec: ClipSpec, run_id: s
                 if progress:
                     progress(part.num_rows)
                 if not left[dump]:
-                    old = todo.filter(pl.col("_dump") == dump)["old_image_id"]
-                    on_done(dump, _finish(tables, db_uri, old, counts[dump], start))
+                    mine = todo.filter(pl.col("_dump") == dump)
+                    on_done(dump, _finish(tables, db_uri, mine, read_meta(plans[dump]),
+                                          run_id, counts[dump], start))
     lost = {d: n for d, n in left.items() if n}
     if lost:
         raise RuntimeError(f"the pipeline returned fewer rows than planned: {lost}")
@@ -72,11 +73,13 @@ def by_dump(chunk: pa.Table, owner: dict[str, str]) -> Iterator[tuple[str, pa.Ta
         yield dump, chunk.filter(pa.array([d == dump for d in dumps]))
 
 
-def _finish(tables: store.Tables, db_uri: str, old: pl.Series, counts: Counter,
-            start: float) -> dict:
-    """Drop images orphaned by this dump's changed files; its counts as the ingest flow has them."""
+def _finish(tables: store.Tables, db_uri: str, todo: pl.DataFrame, meta: pl.DataFrame | None,
+            run_id: str, counts: Counter, start: float) -> dict:
+    """Reconcile the images this dump's files hold or held (as ``tasks.ingest.run.finish``,
+    indexes aside: the flow refreshes them once per chunk) and mark the dump done; its counts as
+    the ingest flow has them."""
     with store.writer_lock(db_uri, tables.images.name):
-        removed = store.delete_orphans(latest(tables), old.drop_nulls().to_list())
+        removed = close_dump(tables, todo, meta, run_id)
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     total = counts["ingested"] + counts["duplicate"] + sum(rejected.values())
     return IngestCounts(todo=total, ingested=counts["ingested"], duplicates=counts["duplicate"],

@@ -2,7 +2,10 @@
 
 Hostile metadata never stops a run: a file that does not parse, rows that are not objects,
 paths that escape the dump, duplicate rows and non-numeric scores each become a ``metadata`` or
-``path`` reject with a readable reason, and every good row around them is kept.
+``path`` reject with a readable reason, and every good row around them is kept.  A row's reject
+is keyed by the image it names, ``metadata.json#image=<its relative path>`` (the Image Name when
+it has no path), which stays put when rows are inserted above it (``#row=N`` only for a row
+that names no image).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pyarrow import fs as pafs
 
 from schemas.metadata import KEY_TO_COLUMN, METADATA_FILES, normalise_key
 from schemas.tables import SCORE_COLUMNS
+from tasks.ingest.discover import mtime_seconds
 
 META_COLUMNS = ("rel_path", "image_name", "city", "lat", "lon", "place_id", "caption")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -56,6 +60,18 @@ def safe_rel_path(raw: str) -> str:
 #: metadata files are parsed in memory by the driver: a hostile or runaway one must not take it
 #: down (Place Pulse 2.0's 110k images need ~50 MB)
 MAX_METADATA_BYTES = 1024**3
+
+
+def metadata_stat(filesystem: pafs.FileSystem, root: str,
+                  uri_prefix: str = "") -> tuple[str, int, float] | None:
+    """(uri, size, mtime) of the metadata file ``load_metadata`` would read, without reading
+    it: a run parses metadata only when this changed."""
+    for name in METADATA_FILES:
+        info = filesystem.get_file_info(f"{root}/{name}")
+        if info.type == pafs.FileType.File:
+            mtime = mtime_seconds(info.mtime_ns) if info.mtime_ns else 0.0
+            return uri_prefix + f"{root}/{name}", info.size, mtime
+    return None
 
 
 def load_metadata(filesystem: pafs.FileSystem, root: str, uri_prefix: str = "") -> Metadata:
@@ -110,11 +126,16 @@ def _read_parquet(data: bytes, uri: str, rejects: list[dict]) -> list:
 _READERS = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
 
 
+def row_key(uri: str, i: int, image: str | None) -> str:
+    """Where a metadata row's reject is recorded: by the image it names (its relative path, as
+    normalised when it is safe), else by its index."""
+    return f"{uri}#image={image}" if image else f"{uri}#row={i}"
+
+
 def _clean_record(i: int, rec: object, uri: str, rejects: list[dict]) -> dict | None:
     """One raw record → strings per column, or None (with a reject) if unusable."""
-    where = f"{uri}#row={i}"
     if not isinstance(rec, dict):
-        rejects.append(_reject(where, "metadata", f"row {i} is not an object"))
+        rejects.append(_reject(row_key(uri, i, None), "metadata", f"row {i} is not an object"))
         return None
     out: dict[str, str | None] = dict.fromkeys((*META_COLUMNS, *SCORE_COLUMNS))
     for key, value in rec.items():
@@ -123,13 +144,14 @@ def _clean_record(i: int, rec: object, uri: str, rejects: list[dict]) -> dict | 
             out[column] = _as_text(value)
     name = out["image_name"]
     if out["rel_path"] is None and name is None:
-        rejects.append(_reject(where, "metadata", f"row {i} has neither 'Relative Path' nor "
-                               "'Image Name'"))
+        rejects.append(_reject(row_key(uri, i, None), "metadata", f"row {i} has neither "
+                               "'Relative Path' nor 'Image Name'"))
         return None
     try:
         out["rel_path"] = safe_rel_path(out["rel_path"] or name)
     except ValueError as e:
-        rejects.append(_reject(where, "path", str(e), name or out["rel_path"]))
+        raw = out["rel_path"] or name
+        rejects.append(_reject(row_key(uri, i, raw), "path", str(e), name or raw))
         return None
     out["image_name"] = name or posixpath.basename(out["rel_path"])
     out["row"] = i
@@ -158,9 +180,9 @@ def _typed_frame(rows: list[dict], uri: str, rejects: list[dict]) -> pl.DataFram
             pl.col(c).is_not_null() & (pl.col(c).str.strip_chars() != "")
             & typed[c].is_null()
         )
-        for row in bad.select("row", "image_name", c).iter_rows():
+        for row in bad.select("row", "image_name", c, "rel_path").iter_rows():
             msg = f"{c} = {row[2][:40]!r} is not a finite number; stored as null"
-            rejects.append(_reject(f"{uri}#row={row[0]}", "metadata", msg, row[1]))
+            rejects.append(_reject(row_key(uri, row[0], row[3]), "metadata", msg, row[1]))
     return typed
 
 
@@ -172,7 +194,7 @@ def _drop_duplicates(frame: pl.DataFrame, uri: str, rejects: list[dict]) -> pl.D
     dup = frame.filter(pl.col("rel_path").is_duplicated() & ~pl.col("rel_path").is_first_distinct())
     for row, rel in dup.select("row", "rel_path").iter_rows():
         msg = f"duplicate metadata row for {rel!r}; the first one is kept"
-        rejects.append(_reject(f"{uri}#row={row}", "metadata", msg, posixpath.basename(rel)))
+        rejects.append(_reject(row_key(uri, row, rel), "metadata", msg, posixpath.basename(rel)))
     return frame.unique("rel_path", keep="first", maintain_order=True)
 
 

@@ -3,6 +3,9 @@
 Plain functions over Arrow/Polars; ``flows/ingest.py`` wires them as Prefect tasks.  The
 ledger row in ``files`` is written last for every file, so a crash anywhere leaves work that
 the next run simply redoes; ``images`` is content-addressed, so redoing cannot duplicate it.
+What needs no embedding (moves, deletions, metadata changes) is applied while preparing
+(``tasks.ingest.changes``); the end of the run reconciles the images its files touched and marks
+the dump's ``sources`` row done, so a run killed before that is re-checked by the next one.
 """
 
 from __future__ import annotations
@@ -11,27 +14,41 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from schemas.tables import SCORE_COLUMNS, files_schema, images_schema
+from tasks.ingest.changes import (
+    Applied,
+    ChangeOptions,
+    apply,
+    check_deletions,
+    file_rows,
+    find_moves,
+    finish_source,
+    source_row,
+)
+from tasks.ingest.commit import TRANSIENT_STAGES, commit_chunk, latest  # noqa: F401 - the API
 from tasks.ingest.discover import list_dump, open_source
-from tasks.ingest.metadata import load_metadata
-from tasks.ingest.plan import plan_ingest
+from tasks.ingest.metadata import load_metadata, metadata_stat
+from tasks.ingest.plan import (
+    KEYS,
+    LEDGER_COLUMNS,
+    META_VALUES,
+    Plan,
+    in_dump,
+    live_rows,
+    plan_ingest,
+)
+from tasks.ingest.reconcile import reconcile
 from tasks.io import atomic, store
+from tasks.io.images import read_bytes
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec
 
 log = logging.getLogger(__name__)
 
-#: stages a re-run should retry (the ledger does not record them)
-TRANSIENT_STAGES = frozenset({"missing", "read", "embed"})
-_STRING_COLUMNS = {"image_id", "stage", "error", "city", "place_id", "caption", "old_image_id"}
 
 
 @dataclass
@@ -43,6 +60,10 @@ class IngestCounts:
     duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     orphans_removed: int = 0
+    metadata_updated: int = 0
+    deleted: int = 0
+    images_deleted: int = 0
+    moved: int = 0
     seconds: float = 0.0
 
     @property
@@ -55,148 +76,122 @@ class IngestCounts:
 
 def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
             plan_path: Path, suffix: str | None = None,
-            storage: StorageConfig | None = None) -> IngestCounts:
-    """List SOURCE, parse metadata, anti-join the ledger; write the plan; record path rejects.
+            storage: StorageConfig | None = None, changes: ChangeOptions | None = None,
+            policy: store.IndexPolicy | None = None) -> IngestCounts:
+    """List SOURCE, parse metadata, compare with the ledger; apply moves, deletions and
+    metadata changes; write the plan of files to embed; record path rejects.
 
-    ``storage`` reaches s3:// dumps and databases (None = the SDK's defaults)."""
+    ``storage`` reaches s3:// dumps and databases (None = the SDK's defaults).  Raises
+    ``DeletionRefused`` before any write when too many known files vanished."""
     filesystem, root, is_local = open_source(source, storage)
-    uri_root = root if is_local else source.split("://", 1)[0] + "://" + root
+    scheme = "" if is_local else source.split("://", 1)[0] + "://"
+    uri_root = scheme + root
     listing = list_dump(source, storage)
     tables = store.open_tables(db_uri, dim, spec.label, suffix, storage)
-    if not _anything_new(listing, store.ledger(tables.files)):
+    stat = metadata_stat(filesystem, root, scheme)
+    if _unchanged(listing, tables, uri_root, stat):
         return IngestCounts(seen=listing.num_rows, unchanged=listing.num_rows)
-    meta = load_metadata(filesystem, root, "" if is_local else source.split("://", 1)[0] + "://")
+    meta = load_metadata(filesystem, root, scheme)
     with store.writer_lock(db_uri, tables.images.name):
-        plan = _plan_and_record(tables, listing, meta, uri_root, run_id)
-    todo = plan.todo.filter(pl.col("escape").is_null())
+        plan, applied = _plan_and_apply(tables, listing, meta, uri_root, run_id, stat,
+                                        changes or ChangeOptions(), storage)
+        todo = plan.todo.filter(pl.col("escape").is_null())
+        if not todo.height:
+            if applied != Applied():
+                store.refresh_indexes(latest(tables), policy)
+            finish_source(tables, uri_root, run_id)
     atomic.write_parquet(todo, plan_path)
+    atomic.write_parquet(plan.listed.select("source_uri", *META_VALUES), meta_path(plan_path))
     stages = Counter(r["stage"] for r in plan.rejects)
     return IngestCounts(seen=plan.seen, unchanged=plan.unchanged, todo=todo.height,
-                        rejected=dict(stages))
+                        rejected=dict(stages), metadata_updated=applied.metadata_updated,
+                        deleted=applied.files_deleted, images_deleted=applied.images_deleted,
+                        moved=applied.moved)
 
 
-def _anything_new(listing: pa.Table, ledger: pl.LazyFrame | None) -> bool:
-    """The no-op fast path: an unchanged dump needs no metadata parse and no writes."""
-    if ledger is None:
-        return listing.num_rows > 0
-    keys = ["source_uri", "size", "mtime"]
-    known = ledger.select(keys).collect()
-    return pl.from_arrow(listing.select(keys)).join(known, on=keys, how="anti").height > 0
+def meta_path(plan_path: Path) -> Path:
+    """The dump's metadata values, next to its plan (the end of the run reconciles with them)."""
+    return plan_path.with_name(plan_path.stem + ".meta.parquet")
 
 
-def _plan_and_record(tables: store.Tables, listing: pa.Table, meta, uri_root: str,
-                     run_id: str):
-    """Ledger anti-join, then record what is rejected without reading (path escapes)."""
+def _unchanged(listing: pa.Table, tables: store.Tables, uri_root: str,
+               stat: tuple | None) -> bool:
+    """The no-op fast path: no new, changed or vanished file, the metadata file as last applied
+    and the last run finished: no metadata parse and no writes."""
+    lazy = store.ledger(tables.files)
+    if lazy is None:
+        return listing.num_rows == 0
+    known = live_rows(lazy.select(*KEYS, "status")).collect()
+    listed = pl.from_arrow(listing.select(KEYS))
+    if listed.join(known, on=KEYS, how="anti").height:
+        return False
+    mine = known.filter(in_dump(uri_root))
+    if mine.join(listed, on="source_uri", how="anti").height:
+        return False
+    state = store.source_state(tables.sources, uri_root)
+    if state is None:
+        return mine.height == 0
+    applied = (state["metadata_uri"], state["metadata_size"], state["metadata_mtime"])
+    return state["status"] == "done" and applied == (stat or (None, None, None))
+
+
+def _plan_and_apply(tables: store.Tables, listing: pa.Table, meta, uri_root: str, run_id: str,
+                    stat: tuple | None, opts: ChangeOptions,
+                    storage: StorageConfig | None) -> tuple[Plan, Applied]:
+    """Under the writer lock: plan against the newest ledger, refuse mass deletions before any
+    write, then mark the dump running, record rejects and apply what needs no embedding."""
     latest(tables)
-    plan = plan_ingest(listing, meta, store.ledger(tables.files), uri_root)
+    files = store.ledger_frame(tables.files, LEDGER_COLUMNS)
+    plan = plan_ingest(listing, meta, files if files.height else None, uri_root)
+    moved = find_moves(plan, lambda uri: read_bytes(uri, storage))
+    check_deletions(plan, moved, uri_root, opts)
+    state = store.source_state(tables.sources, uri_root)
+    full = plan.known > 0 if state is None else state["status"] != "done"
+    store.upsert_source(tables.sources, source_row(uri_root, run_id, "running", stat, Applied()))
     escaped = plan.todo.filter(pl.col("escape").is_not_null())
     plan.rejects += [
         {"source_uri": u, "file_name": n, "stage": "path", "error": e}
         for u, n, e in escaped.select("source_uri", "file_name", "escape").iter_rows()
     ]
     store.upsert_rejects(tables.rejects, plan.rejects, run_id)
-    store.upsert_files(tables.files, _file_rows(escaped, None, "rejected", run_id))
-    return plan
+    store.upsert_files(tables.files, file_rows(escaped.with_columns(
+        image_id=pl.lit(None, pl.String), status=pl.lit("rejected")), run_id))
+    applied = apply(tables, plan, moved, run_id, full, uri_root)
+    store.upsert_source(tables.sources, source_row(uri_root, run_id, "running", stat, applied))
+    plan.todo = plan.todo.join(moved.select("source_uri"), on="source_uri", how="anti")
+    return plan, applied
 
 
-def latest(tables: store.Tables) -> store.Tables:
-    """Re-read the newest table versions; call right after taking the writer lock.
-
-    A LanceDB handle keeps reading the version it opened (the connection's default
-    ``read_consistency_interval`` is None), so without this a process that waited for the lock
-    checks "already stored?" against a stale snapshot and writes duplicates (measured: two
-    concurrent ingests of 79 files left 8 duplicate ``images`` rows)."""
-    for table in (tables.images, tables.files, tables.rejects):
-        table.checkout_latest()
-    return tables
-
-
-def commit_chunk(tables: store.Tables, chunk: pa.Table, clip_label: str, run_id: str) -> Counter:
-    """Write one streamed chunk: new images, then rejects, then the ledger rows.
-
-    Call it under the writer lock: it reads what is stored, then writes what is missing."""
-    latest(tables)
-    vectors = _vectors(chunk.column("vector"))
-    frame = pl.from_arrow(_typed(chunk.drop_columns(["vector"]))).with_row_index("_i")
-    frame = frame.with_columns(pl.col(c).cast(pl.Float64).fill_nan(None) for c in
-                               (*SCORE_COLUMNS, "lat", "lon"))
-    ok, bad = frame.filter(pl.col("stage").is_null()), frame.filter(pl.col("stage").is_not_null())
-    known = store.known_images(tables.images, ok["image_id"].to_list())
-    ok = ok.with_columns(_status(known))
-    new = ok.filter(pl.col("status") == "ingested", ~pl.col("image_id").is_in(list(known)))
-    if new.height:
-        tables.images.add(_image_rows(new, vectors, clip_label, run_id))
-    store.upsert_rejects(tables.rejects, bad.select(
-        "source_uri", "file_name", "stage", "error").to_dicts(), run_id)
-    permanent = bad.filter(~pl.col("stage").is_in(list(TRANSIENT_STAGES)))
-    store.upsert_files(tables.files, pa.concat_tables([
-        _file_rows(ok, "image_id", None, run_id),
-        _file_rows(permanent, None, "rejected", run_id),
-    ]))
-    counts = Counter(ok["status"].to_list())
-    counts.update(f"rejected:{s}" for s in bad["stage"].to_list())
-    return counts
-
-
-def _typed(chunk: pa.Table) -> pa.Table:
-    """Ray turns an all-null object column into floats: restore nulls of the contract's type."""
-    for name in _STRING_COLUMNS & set(chunk.column_names):
-        col = chunk.column(name)
-        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-            nulls = pa.nulls(len(chunk), pa.string())
-            chunk = chunk.set_column(chunk.column_names.index(name), name, nulls)
-    for name in ("image_id", "stage", "error"):
-        col = pc.if_else(pc.equal(chunk.column(name), ""), None, chunk.column(name))
-        chunk = chunk.set_column(chunk.column_names.index(name), name, col)
-    return chunk
-
-
-def _status(known: dict[str, str]) -> pl.Expr:
-    """ingested: this file introduced the content; duplicate: another file did."""
-    introducer = pl.col("image_id").replace_strict(known, default=None, return_dtype=pl.String)
-    first_here = pl.col("image_id").is_first_distinct()
-    return (
-        pl.when(introducer.is_not_null())
-        .then(pl.when(introducer == pl.col("source_uri")).then(pl.lit("ingested"))
-              .otherwise(pl.lit("duplicate")))
-        .when(first_here).then(pl.lit("ingested"))
-        .otherwise(pl.lit("duplicate"))
-        .alias("status")
-    )
-
-
-def _vectors(column: pa.ChunkedArray) -> np.ndarray:
-    arr = column.combine_chunks()
-    if hasattr(arr, "to_numpy_ndarray"):
-        return np.asarray(arr.to_numpy_ndarray(), dtype=np.float32)
-    return np.stack(arr.to_numpy(zero_copy_only=False)).astype(np.float32)
-
-
-def _image_rows(new: pl.DataFrame, vectors: np.ndarray, clip_label: str, run_id: str) -> pa.Table:
-    schema = images_schema(vectors.shape[1])
-    rows = new.with_columns(clip_model=pl.lit(clip_label), run_id=pl.lit(run_id),
-                            ingested_at=pl.lit(datetime.now(UTC)))
-    table = rows.select([n for n in schema.names if n != "vector"]).to_arrow()
-    flat = vectors[new["_i"].to_numpy()].reshape(-1)
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), vectors.shape[1])
-    return table.append_column("vector", vec).cast(schema)
-
-
-def _file_rows(frame: pl.DataFrame, id_col: str | None, status: str | None,
-               run_id: str) -> pa.Table:
-    rows = frame.with_columns(
-        (pl.col(id_col) if id_col else pl.lit(None, pl.String)).alias("image_id"),
-        (pl.lit(status) if status else pl.col("status")).alias("status"),
-        run_id=pl.lit(run_id),
-    )
-    return rows.select(files_schema().names).to_arrow().cast(files_schema())
-
-
-def finish(tables: store.Tables, old_ids: list[str],
+def finish(tables: store.Tables, todo: pl.DataFrame, meta: pl.DataFrame | None, run_id: str,
            policy: store.IndexPolicy | None = None) -> tuple[int, list[str]]:
-    """After all chunks: drop images orphaned by changed files, refresh indexes."""
-    removed = store.delete_orphans(latest(tables), old_ids)
+    """After all chunks: close the dump, refresh indexes."""
+    removed = close_dump(tables, todo, meta, run_id)
     return removed, store.refresh_indexes(tables, policy)
+
+
+def close_dump(tables: store.Tables, todo: pl.DataFrame, meta: pl.DataFrame | None,
+               run_id: str) -> int:
+    """Reconcile the images the plan's files hold or held (those no file holds any more are
+    dropped), then mark the dump's run done.  Under the writer lock; returns images dropped."""
+    latest(tables)
+    uris = todo["source_uri"].implode()
+    held = store.ledger_frame(tables.files, ["source_uri", "image_id"]).filter(
+        pl.col("source_uri").is_in(uris))
+    ids = {*held["image_id"].drop_nulls(), *todo["old_image_id"].drop_nulls()}
+    removed = reconcile(tables, ids, meta).images_deleted
+    finish_source(tables, dump_root(todo), run_id, removed)
+    return removed
+
+
+def dump_root(todo: pl.DataFrame) -> str:
+    """The dump a plan came from: any file's source_uri minus its rel_path."""
+    uri, rel = todo.row(0, named=True)["source_uri"], todo.row(0, named=True)["rel_path"]
+    return uri[: len(uri) - len(rel) - 1]
+
+
+def read_meta(plan_path: Path) -> pl.DataFrame | None:
+    path = meta_path(plan_path)
+    return pl.read_parquet(path) if path.exists() else None
 
 
 def elapsed(start: float) -> float:
@@ -222,9 +217,8 @@ def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dic
             counts += commit_chunk(tables, chunk, spec.label, run_id)
         if progress:
             progress(chunk.num_rows)
-    old = todo["old_image_id"].drop_nulls().to_list()
     with store.writer_lock(db_uri, tables.images.name):
-        removed, built = finish(tables, old, policy)
+        removed, built = finish(tables, todo, read_meta(plan_path), run_id, policy)
     log.info("indexes refreshed: %s", ", ".join(built) or "none")
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     return IngestCounts(todo=todo.height, ingested=counts["ingested"],

@@ -1,7 +1,8 @@
 """What is in the database and the answers dataset, without changing either.
 
 ``mmrag status`` answers the operator's questions after a scheduled run: did rows land, which
-runs wrote them, are the indexes current, what was rejected and why, which answer partitions
+runs wrote them, are the indexes current, what was rejected and why, how many files of each dump
+are live or deleted and what the dump's last run updated or deleted, which answer partitions
 exist.  Everything here only reads: a missing local database is reported, never created
 (``lancedb.connect`` would create the folder).
 """
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import polars as pl
 
-_KIND = re.compile(r"^(images|files|rejects)(__.*)?$")
+_KIND = re.compile(r"^(images|files|rejects|sources)(__.*)?$")
+_RUN_KINDS = ("images", "files", "rejects")
+_LAST_RUN = ("metadata_updated", "files_deleted", "images_deleted", "moved")
 _TIME = {"images": "ingested_at", "rejects": "at"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -27,13 +30,15 @@ def db_status(uri: str, last_runs: int = 10, storage=None) -> dict:
     from tasks.io.objstore import is_local
 
     if is_local(uri) and not Path(uri.removeprefix("file://")).exists():
-        return {"uri": uri, "exists": False, "tables": [], "rejects": [], "runs": []}
+        return {"uri": uri, "exists": False, "tables": [], "rejects": [], "sources": [],
+                "runs": []}
     db = store.connect(uri, storage)
     tables = {name: db.open_table(name) for name in _table_names(db)}
     return {
         "uri": uri, "exists": True,
         "tables": [_table(name, t) for name, t in tables.items()],
         "rejects": _reject_stages(tables),
+        "sources": _sources(tables),
         "runs": _runs(tables)[:last_runs],
     }
 
@@ -69,12 +74,45 @@ def _reject_stages(tables: dict) -> list[dict]:
     return out
 
 
+def _sources(tables: dict) -> list[dict]:
+    """Per (table set, dump): live and deleted files in the ledger (a file's dump is its
+    source_uri minus its rel_path), and what the dump's last run changed (``sources`` table)."""
+    out = []
+    for name, tbl in tables.items():
+        if _kind(name) != "files" or not tbl.count_rows():
+            continue
+        suffix = name.removeprefix("files")
+        frame = tbl.to_polars().select("source_uri", "rel_path", "status").collect()
+        tail = pl.col("rel_path").str.len_chars() + 1
+        counts = (frame.with_columns(source=pl.col("source_uri").str.head(
+                      pl.col("source_uri").str.len_chars() - tail),
+                      deleted=pl.col("status") == "deleted")
+                  .group_by("source").agg(live=(~pl.col("deleted")).sum(),
+                                          deleted=pl.col("deleted").sum())
+                  .sort("source"))
+        last = _last_runs(tables.get("sources" + suffix))
+        for row in counts.iter_rows(named=True):
+            run = last.get(row["source"], {})
+            out.append({"table_set": suffix.removeprefix("__"), **row,
+                        "last_run_id": run.get("run_id"),
+                        "last_at": run["at"].isoformat() if run.get("at") else None}
+                       | {k: run.get(k) for k in _LAST_RUN})
+    return out
+
+
+def _last_runs(tbl) -> dict[str, dict]:
+    if tbl is None or not tbl.count_rows():
+        return {}
+    rows = tbl.to_polars().collect().to_dicts()
+    return {r["source"]: r | {"at": _utc(r.get("at"))} for r in rows}
+
+
 def _runs(tables: dict) -> list[dict]:
     """One row per (run_id, table set): rows each table holds from it, and when it last wrote."""
     runs: dict[tuple[str, str], dict] = {}
     for name, tbl in tables.items():
         kind = _kind(name)
-        if kind is None or not tbl.count_rows():
+        if kind not in _RUN_KINDS or not tbl.count_rows():
             continue
         aggs = [pl.len().alias("rows")]
         if kind in _TIME:

@@ -1,8 +1,12 @@
-"""LanceDB access for ingest: open/create the three tables, look up, upsert.
+"""LanceDB access for ingest: open/create the tables, look up, upsert, update, delete.
 
 Writes are ordered so that a crash at any point is repaired by the next run: ``images`` first
 (content-addressed, so a re-run cannot duplicate it), then ``rejects``, then ``files`` — the
-ledger row is the commit marker that makes a file "done".
+ledger row is the commit marker that makes a file "done".  The ``sources`` row of a dump says
+whether its last run finished (``status``) and which metadata file it applied.
+
+Filters are built only from validated hex ids or from :func:`quote`d literals: a path, a name or
+anything else read from a dump never reaches a SQL filter as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from schemas.tables import (
     files_schema,
     images_schema,
     rejects_schema,
+    sources_schema,
+    sources_table,
     table_names,
     table_suffix,
 )
@@ -32,6 +38,7 @@ from tasks.io.objstore import StorageConfig, storage_options
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _RUST_LOCATION = re.compile(r",\s*\S+\.rs:\d+:\d+")  # lance errors end with a source path
+_IN_CHUNK = 2000  # ids per ``IN (...)`` filter
 
 
 class StoreError(Exception):
@@ -44,6 +51,7 @@ class Tables:
     images: lancedb.table.Table
     files: lancedb.table.Table
     rejects: lancedb.table.Table
+    sources: lancedb.table.Table | None = None
 
 
 @contextmanager
@@ -94,15 +102,17 @@ def open_tables(uri: str, dim: int, clip_label: str, suffix: str | None = None,
 
     ``suffix`` None = the model's own table set (``table_suffix``)."""
     db = connect(uri, storage)
-    names = table_names(table_suffix(clip_label) if suffix is None else suffix)
+    suffix = table_suffix(clip_label) if suffix is None else suffix
+    names = table_names(suffix)
     try:
         images = _open_or_create(db, names[0], images_schema(dim))
-        files = _open_or_create(db, names[1], files_schema())
+        files = upgrade(_open_or_create(db, names[1], files_schema()), files_schema())
         rejects = _open_or_create(db, names[2], rejects_schema())
+        sources = _open_or_create(db, sources_table(suffix), sources_schema())
     except Exception as e:  # noqa: BLE001 - permission, disk, bad URI: one-line fatal error
         raise StoreError(f"cannot write LanceDB at {uri}: {e}") from e
     check_model(images, dim, clip_label)
-    return Tables(db, images, files, rejects)
+    return Tables(db, images, files, rejects, sources)
 
 
 def _open_or_create(db, name: str, schema: pa.Schema):
@@ -111,6 +121,41 @@ def _open_or_create(db, name: str, schema: pa.Schema):
         return db.open_table(name)
     except ValueError:
         return db.create_table(name, schema=schema, exist_ok=True)
+
+
+def upgrade(table, schema: pa.Schema):
+    """Add the contract's columns an older table lacks, as nulls, in place (one commit; the
+    rows and older versions stay as they were).  Another process upgrading at the same moment
+    is fine: whatever is still missing after its commit is added."""
+    for _ in range(3):
+        missing = [f for f in schema if f.name not in table.schema.names]
+        if not missing:
+            return table
+        try:
+            table.add_columns(missing)
+        except Exception:  # noqa: BLE001 - a concurrent upgrade won: look again
+            table.checkout_latest()
+    raise StoreError(f"cannot upgrade table '{table.name}' to the current schema")
+
+
+def quote(value: str) -> str:
+    """``value`` as a SQL string literal for a LanceDB filter: single quotes doubled (LanceDB's
+    parser takes backslashes literally, so nothing else needs escaping); a NUL is refused."""
+    if "\x00" in value:
+        raise ValueError("a NUL character cannot be part of a filter")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _hex_ids(image_ids) -> list[str]:
+    return sorted({i for i in image_ids if i and _HEX.match(i)})
+
+
+def _id_filters(image_ids) -> Iterator[tuple[int, str]]:
+    """``image_id IN (...)`` filters over validated hex ids, a bounded number per filter."""
+    ids = _hex_ids(image_ids)
+    for i in range(0, len(ids), _IN_CHUNK):
+        part = ids[i:i + _IN_CHUNK]
+        yield len(part), "image_id IN (" + ",".join(f"'{x}'" for x in part) + ")"
 
 
 def check_model(images, dim: int, clip_label: str) -> None:
@@ -125,14 +170,9 @@ def check_model(images, dim: int, clip_label: str) -> None:
 
 
 def known_images(images, image_ids: list[str]) -> dict[str, str]:
-    """image_id → source_uri of the file that introduced it, for ids already stored."""
-    ids = sorted({i for i in image_ids if i and _HEX.match(i)})
-    if not ids:
-        return {}
-    where = "image_id IN (" + ",".join(f"'{i}'" for i in ids) + ")"
-    found = images.search().where(where).select(["image_id", "source_uri"]).limit(len(ids) * 2)
-    tbl = found.to_arrow()
-    return dict(zip(tbl["image_id"].to_pylist(), tbl["source_uri"].to_pylist(), strict=True))
+    """image_id → source_uri of the file it comes from, for ids already stored."""
+    found = image_rows(images, image_ids, ["source_uri"])
+    return dict(zip(found["image_id"].to_list(), found["source_uri"].to_list(), strict=True))
 
 
 def upsert_rejects(rejects, rows: list[dict], run_id: str) -> int:
@@ -169,18 +209,59 @@ def ledger(files) -> pl.LazyFrame | None:
     return files.to_polars() if files.count_rows() else None
 
 
-def delete_orphans(tables: Tables, candidate_ids: list[str]) -> int:
-    """Drop ``images`` rows no ledger row points at any more (their file changed)."""
-    ids = sorted({i for i in candidate_ids if i and _HEX.match(i)})
-    if not ids:
-        return 0
-    listed = ",".join(f"'{i}'" for i in ids)
-    still = tables.files.search().where(f"image_id IN ({listed})").select(["image_id"])
-    referenced = set(still.limit(None).to_arrow()["image_id"].to_pylist())
-    orphans = [i for i in ids if i not in referenced]
-    if orphans:
-        tables.images.delete("image_id IN (" + ",".join(f"'{i}'" for i in orphans) + ")")
-    return len(orphans)
+def ledger_frame(files, columns: list[str] | None = None) -> pl.DataFrame:
+    """The whole ledger (``columns`` of it: a million rows hold ~100 bytes per string column),
+    or an empty frame with the contract's columns."""
+    if files.count_rows():
+        lazy = files.to_polars()
+        return (lazy.select(columns) if columns else lazy).collect()
+    empty = pl.from_arrow(files_schema().empty_table())
+    return empty.select(columns) if columns else empty
+
+
+def update_files(files, table: pa.Table) -> None:
+    """Rewrite some columns of existing ledger rows (``source_uri`` + the columns)."""
+    if table.num_rows:
+        schema = pa.schema([files_schema().field(c) for c in table.column_names])
+        files.merge_insert("source_uri").when_matched_update_all().execute(table.cast(schema))
+
+
+def image_rows(images, image_ids, columns: list[str]) -> pl.DataFrame:
+    """``image_id`` + ``columns`` of the stored rows among ``image_ids`` (never the vectors)."""
+    names = ["image_id", *columns]
+    parts = [pl.from_arrow(images.search().where(where).select(names).limit(n * 2).to_arrow())
+             for n, where in _id_filters(image_ids)]
+    empty = pl.from_arrow(images.schema.empty_table().select(names))
+    return pl.concat([empty, *parts], how="vertical_relaxed")
+
+
+def delete_images(images, image_ids) -> int:
+    """Delete rows by id (older table versions keep them for time travel)."""
+    deleted = 0
+    for n, where in _id_filters(image_ids):
+        images.delete(where)
+        deleted += n
+    return deleted
+
+
+def update_images(images, rows: pa.Table) -> None:
+    """Rewrite some columns of existing rows (``image_id`` + the columns; the vector stays)."""
+    if rows.num_rows:
+        images.merge_insert("image_id").when_matched_update_all().execute(rows)
+
+
+def source_state(sources, root: str) -> dict | None:
+    """The ``sources`` row of one dump, or None."""
+    if sources is None or not sources.count_rows():
+        return None
+    found = sources.search().where(f"source = {quote(root)}").limit(2).to_list()
+    return found[0] if found else None
+
+
+def upsert_source(sources, row: dict) -> None:
+    table = pa.Table.from_pylist([row], schema=sources_schema())
+    (sources.merge_insert("source").when_matched_update_all()
+     .when_not_matched_insert_all().execute(table))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,19 @@
 """Faults during ingest, injected at chosen points, then the tables checked row by row.
 
 The killed runs are ``tests/fault_runner.py`` in a subprocess whose driver joins the session's
-Ray: it is SIGKILLed during decode, during embedding, while LanceDB writes ``images``, or
-between ``images`` and the ``files`` ledger.  Ray workers and CLIP actors that die mid-batch
-are injected in-process.  After every fault, a normal re-run must leave exactly the rows a
-clean ingest makes (``fault_checks.expected_rows``, derived from the dump's bytes).
+Ray: it is SIGKILLed during decode, during embedding, while LanceDB writes ``images``, between
+``images`` and the ``files`` ledger, before the run is closed, or after any write of a run that
+applies a changed dump (metadata edits, deleted and moved files).  Ray workers and CLIP actors
+that die mid-batch are injected in-process.  After every fault, a normal re-run must leave
+exactly the rows a clean ingest makes (``fault_checks.expected_rows``, derived from the dump's
+bytes, or a clean ingest of the changed dump).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import lancedb
@@ -20,6 +23,8 @@ from fault_checks import (
     PLAN_REJECTS,
     assert_consistent,
     assert_exactly,
+    assert_same_as_clean,
+    change_dump,
     cli,
     expected_rows,
     fill,
@@ -177,3 +182,69 @@ def _cli_env(settings, db: str) -> dict:
             "MMRAG_WORK_DIR": settings.work_dir, "MMRAG_COMMIT_ROWS": str(COMMIT_ROWS),
             "MMRAG_BATCH_SIZE": "8", "MMRAG_DECODE_BATCH_SIZE": "4",
             "MMRAG_EMBED_ACTOR_CPUS": "0.5", "MMRAG_DECODE_CPUS": "0.25"}
+
+
+@pytest.fixture(scope="module")
+def changed(tmp_path_factory, cache_dir, ray_session):
+    """A sample dump ingested once (the template database), then changed as the issue says
+    (metadata of 3 images, 2 files deleted, 1 moved), and a clean ingest of the changed dump."""
+    from mmrag.samples.dump import generate_sample_dump
+    from mmrag.settings import Settings
+
+    base = tmp_path_factory.mktemp("changed")
+    dump = base / "dump"
+    generate_sample_dump(dump, 12, seed=21, size=(320, 240))
+    template = Settings(db=str(base / "template"), profile="tiny", cache_dir=str(cache_dir),
+                        work_dir=str(base / "work"), batch_size=8, decode_batch_size=4,
+                        commit_rows=COMMIT_ROWS, embed_actor_cpus=0.5, decode_cpus=0.25)
+    ingest_flow.fn(str(dump), template)
+    what = change_dump(dump)
+    clean = template.model_copy(update={"db": str(base / "clean")})
+    ingest_flow.fn(str(dump), clean)
+    gone = {str(p) for p in (*what["deleted"], what["moved"][0])}
+    return dump, template, clean, gone
+
+
+def test_killed_after_any_write_of_a_change_run(changed, tmp_path, ray_session):
+    """The change run (no embedding) is SIGKILLed right after its 1st, 2nd, … write until one
+    run completes; after each kill, a normal re-run ends exactly where a clean ingest does."""
+    dump, template, clean, gone = changed
+    kills = 0
+    for n in range(1, 40):
+        settings = template.model_copy(update={"db": str(tmp_path / f"db{n}")})
+        shutil.copytree(template.db, settings.db)
+        env = runner_env(settings, ray_session, tmp_path / f"calls{n}")
+        proc = run_runner(["ingest", str(dump), "change", str(n)], env)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -9, f"not killed ({proc.returncode}): {proc.stderr[-3000:]}"
+        kills += 1
+        assert_consistent(settings.db)
+        again = ingest_flow.fn(str(dump), settings)
+        assert again["todo"] == 0, again  # nothing was embedded again
+        assert_same_as_clean(settings.db, clean.db, gone)
+    # sources running, rejects, escapes, moved rows, deletions, images deleted, images updated,
+    # ledger fixes, sources running, indexes, sources done: 11 writes, 11 kills (measured)
+    assert kills >= 10, f"only {kills} kill points: the change run's writes were not all reached"
+    assert_same_as_clean(settings.db, clean.db, gone)  # the run that was not killed
+
+
+def test_killed_before_the_run_is_closed(fault_dump, tmp_path, settings, ray_session):
+    """Every chunk committed, the run killed before it reconciled and closed the dump: the
+    ledger looks complete, yet the re-run is no no-op: it finishes the reconciliation."""
+    env = runner_env(settings, ray_session, tmp_path / "calls")
+    proc = run_runner(["ingest", str(fault_dump), "close", "1"], env)
+    assert proc.returncode == -9, f"not killed ({proc.returncode}): {proc.stderr[-3000:]}"
+    killed = assert_consistent(settings.db)
+    assert killed["files"].height == N_FILES
+    assert _source_status(settings.db) == "running"
+    again = ingest_flow.fn(str(fault_dump), settings)
+    assert (again["todo"], again["unchanged"]) == (0, N_FILES)
+    assert_exactly(settings.db, expected_rows(fault_dump))
+    assert _source_status(settings.db) == "done"
+    assert ingest_flow.fn(str(fault_dump), settings)["todo"] == 0
+
+
+def _source_status(db: str) -> str:
+    [status] = lancedb.connect(db).open_table("sources").to_polars().collect()["status"]
+    return status

@@ -315,3 +315,33 @@ def test_reembedding_with_another_model_writes_its_own_tables(tmp_path, settings
     assert pin_images(settings.db, 64, label).name == "images" + suffix
     rows = backfill.progress_rows(settings.db).group_by("clip_model").len().sort("clip_model")
     assert rows.rows() == [("mmrag-tiny-clip/mmrag-tiny-clip-seed0.safetensors", 2), (label, 2)]
+
+
+@pytest.mark.slow
+def test_backfills_apply_changes_and_keep_the_safety_valve(tmp_path, settings, ray_session):
+    """A backfill over changed dumps applies metadata edits, deletions and moves as an ingest
+    does (nothing embedded again), and refuses a dump that lost too many files: that dump is
+    recorded failed with the one-line reason, its tables untouched, the other dump done."""
+    from fault_checks import change_dump
+
+    from flows.backfill import backfill_flow
+
+    dumps = _dumps(tmp_path / "root", [12, 8], first_seed=400)  # 2 of 12 deleted: < 20%
+    backfill_flow.fn(roots=dumps, settings=settings)
+    what = change_dump(Path(dumps[0]))
+    for path in sorted(Path(dumps[1]).rglob("*.JPG"))[:4]:
+        path.unlink()
+    with pytest.raises(backfill.BackfillIncomplete):
+        backfill_flow.fn(roots=dumps, backfill_id="after-changes", settings=settings)
+    rows = {r["dump"]: r for r in backfill.progress_rows(settings.db, "after-changes").to_dicts()}
+    assert rows[dumps[0]]["status"] == "done" and rows[dumps[0]]["ingested"] == 0
+    assert rows[dumps[1]]["status"] == "failed"
+    assert "4 of the 8 files" in rows[dumps[1]]["error"] and "--allow-deletes" in rows[dumps[1]][
+        "error"]
+    t = tables(settings.db)
+    deleted = set(t["files"].filter(pl.col("status") == "deleted")["source_uri"])
+    assert deleted == {str(p) for p in (*what["deleted"], what["moved"][0])}
+    cities = dict(t["images"].select("source_uri", "city").iter_rows())
+    assert [cities[str(p)] for p in what["edited"]] == [f"Renamed City {i}" for i in range(3)]
+    assert t["images"].height == 20 - 2 and str(what["moved"][1]) in cities
+    assert rows[dumps[0]]["seen"] == 10

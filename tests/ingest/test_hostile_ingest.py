@@ -87,7 +87,7 @@ def test_path_escapes_are_never_read(ingested):
     assert link["stage"].to_list() == ["path"] and "outside the dump" in link["error"][0]
     assert _uri(root, kinds["symlink_outside"]) not in t["images"]["source_uri"].to_list()
     path_rows = t["rejects"].filter((pl.col("stage") == "path")
-                                    & pl.col("source_uri").str.contains("metadata.json#row="))
+                                    & pl.col("source_uri").str.contains("metadata.json#image="))
     assert path_rows.height == 4  # ../, /abs, C:\, %2e%2e
     assert all(("escapes" in e) or ("absolute" in e) for e in path_rows["error"])
 
@@ -98,7 +98,9 @@ def test_missing_duplicate_and_bad_scores(ingested):
     assert missing["source_uri"].to_list() == [_uri(root, "images/bad/bad_missing.jpg")]
     dup = t["files"].filter(pl.col("source_uri") == _uri(root, kinds["duplicate"]))
     same = t["files"].filter(pl.col("image_id") == dup["image_id"][0])
-    assert sorted(same["status"]) == ["duplicate", "ingested"]  # which one wins is arrival order
+    assert sorted(same["status"]) == ["duplicate", "ingested"]
+    winner = same.filter(pl.col("status") == "ingested")["source_uri"][0]
+    assert winner == min(same["source_uri"])  # the smallest path, whatever arrived first
     scores = t["images"].filter(pl.col("source_uri") == _uri(root, kinds["bad_scores"]))
     nulls = scores.select("livelier", "more_beautiful", "more_boring", "safer").null_count()
     assert nulls.row(0) == (1, 1, 1, 1)

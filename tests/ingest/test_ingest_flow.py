@@ -81,9 +81,10 @@ def test_duplicate_bytes_make_one_image(dump, settings, ray_session):
     t = tables(settings.db)
     pair = t["files"].filter(pl.col("source_uri").is_in([str(first),
                                                          str(dump / "copy_of_first.jpg")]))
-    assert sorted(pair["status"]) == ["duplicate", "ingested"]  # first to arrive wins
+    assert sorted(pair["status"]) == ["duplicate", "ingested"]
     assert pair["image_id"].n_unique() == 1
     winner = pair.filter(pl.col("status") == "ingested")["source_uri"][0]
+    assert winner == str(dump / "copy_of_first.jpg")  # the smallest path, not the first to arrive
     assert t["images"].filter(pl.col("image_id") == pair["image_id"][0])["source_uri"][0] == winner
     assert t["images"].height == 24
 
