@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import tasks.ingest.pipeline  # noqa: E402
 import tasks.ingest.run  # noqa: E402
+import tasks.query.generate  # noqa: E402
 from tasks.io.images import decode_batch as _real_decode  # noqa: E402
 
 STATE: dict = {"driver": os.getpid(), "counter": "", "n": 0, "poison": ""}
@@ -172,19 +173,21 @@ class TornParquet:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class GenerateThenKillDriver(tasks.query.generate.Generator):
+    """An engine replica (a Ray actor) that kills the driver inside its N-th batch."""
+
+    def __call__(self, batch):
+        if nth_call():
+            kill_driver()
+        return super().__call__(batch)
+
+
 def install_query(fault: str, n: int, counter: str) -> None:
     import tasks.io.answers
-    import tasks.models.engines
 
     STATE.update(driver=os.getpid(), counter=counter, n=n)
     if fault == "generate":
-        real = tasks.models.engines.TransformersEngine._generate_batch
-
-        def generate(self, batch):
-            if nth_call():
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, batch)
-        tasks.models.engines.TransformersEngine._generate_batch = generate
+        tasks.query.generate.Generator = GenerateThenKillDriver
     elif fault == "write":
         tasks.io.answers.pq = TornParquet()
     elif fault != "none":
