@@ -16,8 +16,9 @@ still lands on its photo, whatever tile its centre is in), the box is clipped to
 fitted rectangle, then expressed as fractions (0..1) of the photo, which is what an analyst
 can draw on the original image at any size.  Values a little outside the convention's range
 (up to ``SLACK`` of it, e.g. 1.02) are clipped, swapped corners are reordered; a box is dropped
-when it is not finite, far out of range, empty, or covers no photo (grey tiles, margins).  Every bracket of four numbers leaves the
-answer text either way, so it is never read as four citations.
+when it is not finite, far out of range, empty, or covers no photo (grey tiles, margins).
+Every bracket of four numbers leaves the answer text either way, so it is never read as four
+citations.
 """
 
 from __future__ import annotations
