@@ -59,7 +59,7 @@ def test_box_drawn_in_the_grid_maps_back_to_its_photo(n_tiles, shape):
 def test_pixel_coordinates_clipping_and_bad_boxes():
     tiles = [Tile(None, None, 100, 100)]  # a query photo alone: the whole picture
     text, boxes = parse_boxes(
-        "a [[-10, 0, 168, 350]] b [[0.5, 0.5, 0.2, 0.2]] c [[nan, 1, 2, 3]] d [[1, 2]] "
+        "a [[-10, 0, 168, 350]] b [[0.5, 0.5, 0.5, 0.2]] c [[nan, 1, 2, 3]] d [[1, 2]] "
         "e [[1e999, 0, 5, 5]] f [[0, 0, 84, 84]] g [[-200, 0, 5, 5]] h [[5, 5, 5, 9]]",
         tiles, SIZE, "pixels")
     assert text == "a b c d e f g h"
