@@ -38,7 +38,8 @@ def test_gpu_extra_resolves(tmp_path):
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
          "--report", str(report_path), f"{ROOT}[gpu]"],
         capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
-    tail = (run.stderr or run.stdout)[-2500:]
+    lines = (run.stderr or run.stdout).splitlines()
+    tail = "\n".join(x for x in lines if not x.startswith("WARNING: Location"))[-2500:]
     if run.returncode != 0 and _OFFLINE.search(tail):
         pytest.fail("the package index could not be reached, so '.[gpu]' could not be "
                     f"resolved (this test needs the index):\n{tail}", pytrace=False)
@@ -51,3 +52,19 @@ def test_gpu_extra_resolves(tmp_path):
     major, minor = map(int, _version(report, "transformers").split(".")[:2])
     assert (5, 16) <= (major, minor) < (5, 21)
     assert _version(report, "mmrag") == "0.1.0"
+    # vLLM caps fastapi below 0.137; prefect 3.7.8+ needs 0.139+: the extra gets prefect 3.7.7
+    assert _version(report, "prefect") == "3.7.7"
+    assert tuple(map(int, _version(report, "fastapi").split(".")[:2])) < (0, 137)
+
+
+def test_a_cpu_install_keeps_the_tested_prefect(tmp_path):
+    """The prefect range admits 3.7.7 for the gpu extra; without it pip still picks 3.8.8."""
+    report_path = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report_path), str(ROOT)],
+        capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert run.returncode == 0, f"pip cannot resolve '.':\n{(run.stderr or run.stdout)[-2500:]}"
+    report = json.loads(report_path.read_text())
+    assert _version(report, "prefect") == "3.8.8"
+    assert _version(report, "torch").split("+")[0] != "2.14.0"  # the CPU pair, not vLLM's
