@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +78,13 @@ def _run(rows, engine, **opts) -> dict[int, dict]:
 
 
 class PidGenerator(gen.Generator):
-    """Records which process answered each batch."""
+    """Records which process answered each batch; slow enough (the tiny model answers in
+    milliseconds) that a second replica gets work while the first is busy."""
 
     def __call__(self, batch):
         with open(COUNTER["path"], "a") as f:
             f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
         return super().__call__(batch)
 
 
