@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,7 +58,15 @@ INPUT_COLUMNS = ["_i", "text", "image_path", "retrieved"]
 
 
 class GenerationError(RuntimeError):
-    """The Ray generation pipeline gave up (a replica kept dying on the same batch)."""
+    """The Ray generation pipeline gave up: the engine could not start, or a replica kept
+    dying on the same batch."""
+
+
+class EngineStartError(RuntimeError):
+    """An engine replica could not build its engine (bad model path, adapter, no GPU …)."""
+
+
+_START_FAILED = re.compile(r"the \w+ engine could not start[^\n\x1b]*")
 
 
 @dataclass(frozen=True)
@@ -139,7 +148,12 @@ class Generator:
             import torch
 
             torch.set_num_threads(threads)
-        self.engine, self.seed = make_engine(engine), engine.seed
+        try:
+            self.engine, self.seed = make_engine(engine), engine.seed
+        except Exception as e:  # one line that the driver can find in Ray's error text
+            detail = " ".join(f"{type(e).__name__}: {e}".split())
+            raise EngineStartError(f"the {engine.name} engine could not start ({engine.model}): "
+                                   f"{detail}") from e
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns(["grid"]).to_pylist()
@@ -206,6 +220,9 @@ def generate(rows: pa.Table, engine: EngineConfig, options: GenerateOptions,
             if progress:
                 progress(out.num_rows)
     except ray.exceptions.RayError as e:
+        started = _START_FAILED.search(str(e))
+        if started:
+            raise GenerationError(started.group(0)) from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GenerationError(
             f"generation stopped ({type(e).__name__}: {first}); an engine replica died on the "

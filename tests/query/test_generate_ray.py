@@ -186,3 +186,12 @@ def test_a_batch_that_keeps_killing_its_replica_stops_the_run(tiny, photos, ship
     with pytest.raises(GenerationError, match=f"same batch {BATCH_RETRIES + 1} times"):
         _run(rows, EngineConfig("transformers", tiny, max_new_tokens=4), batch_size=1)
     assert shipped.stat().st_size == BATCH_RETRIES + 1
+
+
+def test_an_engine_that_cannot_start_is_one_clear_error(tiny, photos, ray_session):
+    engine = EngineConfig("transformers", tiny, adapter="/nonexistent/adapter")
+    with pytest.raises(GenerationError) as err:
+        _run(_rows(photos, ["Is it safe?"]), engine)
+    message = str(err.value)
+    assert message.startswith("the transformers engine could not start (") and "\n" not in message
+    assert "adapter_config.json" in message and "/nonexistent/adapter" in message
