@@ -4,7 +4,8 @@ A few thousand queries embed in seconds where the flow runs; a file of a million
 from ``RayEmbed.min_queries`` rows on the plan is cut into blocks and embedded by a fixed pool
 of CLIP actors (one model each, a GPU each when the cluster has them), like ingest's
 images.  Either way the CLIP model is released before the function returns: the generation
-engine that starts next (vLLM checks free GPU memory at start-up) must not find it resident.
+engine that starts next (vLLM checks free GPU memory at start-up) must not find it resident,
+so the process's cached model (``load_clip`` keeps one per process) is dropped as well.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 from tasks.io.cluster import BATCH_RETRIES
+from tasks.models import clip as clip_models
 from tasks.models.clip import ClipSpec, load_clip, model_shape
 from tasks.query.retrieve import embed_queries
 
@@ -52,7 +54,9 @@ def embed_plan(plan: pl.DataFrame, spec: ClipSpec, max_pixels: int,
     try:
         return embed_queries(plan, clip, max_pixels)
     finally:
+        # load_clip keeps one model per process for the stages that reuse it; here it must go
         del clip
+        clip_models.load_clip.cache_clear()
         release_gpu()
 
 
