@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import lancedb
 import polars as pl
@@ -103,8 +104,9 @@ def test_engine_none_rerun_replaces_and_version_is_pinned(world):
     assert table.count_rows() == 24
 
 
-def test_query_with_a_lora_adapter_records_it(world, tmp_path):
+def test_query_with_a_lora_adapter_records_it(world, tmp_path, monkeypatch):
     """A LoRA adapter from mmrag finetune is applied by the transformers engine of the flow."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "adapt"))
     from test_finetune import _write_dataset
     from transformers import AutoProcessor
 
