@@ -8,6 +8,7 @@ DEMO    ?= data/demo
 N       ?= 200
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test lint docs dictionary install clean
 

@@ -26,6 +26,7 @@ from tasks.evaluate import answer_checks
 from tasks.evaluate import retrieval as evaluate
 from tasks.evaluate.augment import KINDS
 from tasks.evaluate.labelled_set import labelled_queries, sample_images
+from tasks.io import atomic
 from tasks.io.answers import validate_run_id
 from tasks.models.clip import TINY_WARNING, load_clip, model_shape
 from tasks.query.retrieve import pin_images
@@ -53,8 +54,7 @@ def labelled_task(settings: Settings, sample: int, seed: int, kinds: list[str],
     queries = labelled_queries(pinned, load_clip(spec), chosen, kinds, seed,
                                settings.max_image_pixels, config.storage(settings))
     path = Path(work) / "labelled.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    queries.write_parquet(path)
+    atomic.write_parquet(queries, path)
     info = {"table_version": pinned.version, "images_table": pinned.name,
             "clip_model": spec.label, "sampled": chosen.height, "queries": queries.height}
     return str(path), info
@@ -85,8 +85,7 @@ def answers_task(ref: str, settings: Settings, max_chars: int, clip_score: bool,
 
 
 def _save(rows: list[dict], path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pl.from_arrow(evaluate.metrics_table(rows)).write_parquet(path)
+    atomic.write_parquet(evaluate.metrics_table(rows), path)
     return str(path)
 
 

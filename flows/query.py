@@ -26,6 +26,7 @@ from flows.common import logger as _logger
 from flows.common import run_id as new_run_id
 from flows.progress import progress
 from mmrag.settings import Settings
+from tasks.io import atomic
 from tasks.io.answers import check_writable, write_answers
 from tasks.io.cluster import init_ray
 from tasks.models.clip import TINY_WARNING
@@ -42,8 +43,7 @@ def plan_task(queries: str, settings: Settings, work: str) -> str:
     for w in warnings:
         _logger("mmrag.query").warning(w)
     path = Path(work) / "queries.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plan.write_parquet(path)
+    atomic.write_parquet(plan, path)
     return str(path)
 
 

@@ -29,18 +29,22 @@ def safer_by_city(out: str) -> pl.DataFrame:
 
 def images_per_city(db: str) -> pl.DataFrame:
     images = lancedb.connect(db).open_table("images").to_polars()
-    return images.group_by("city").len().sort("len", descending=True).collect()
+    return images.group_by("city").len().sort("len", "city", descending=[True, False]).collect()
 
 
 def main(db: str, out: str) -> None:
-    pl.Config.set_tbl_rows(12)
-    pl.Config.set_fmt_str_lengths(60)
-    print("images per city (top 12):\n", images_per_city(db))
+    """Three small tables that fit on one screen together."""
+    pl.Config.set_tbl_rows(8)
+    pl.Config.set_tbl_hide_column_data_types(True)
+    pl.Config.set_tbl_hide_dataframe_shape(True)
+    pl.Config.set_fmt_str_lengths(24)
+    pl.Config.set_tbl_width_chars(120)
+    print(f"images per city (top 5):\n{images_per_city(db).head(5)}")
     rows = answers(out).select("run_date", "query_id", "mode", "table_version",
                                pl.col("retrieved").list.len().alias("hits"),
-                               pl.col("answer").str.slice(0, 40), "error").collect()
-    print("answers:\n", rows)
-    print("mean safer score of retrieved images per city:\n", safer_by_city(out))
+                               pl.col("answer").str.slice(0, 24), "error").collect()
+    print(f"answers:\n{rows}")
+    print(f"mean safer score of retrieved images per city (top 5):\n{safer_by_city(out).head(5)}")
 
 
 if __name__ == "__main__":

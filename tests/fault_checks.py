@@ -166,20 +166,17 @@ def tmpfs(path: Path, size: str = "16m"):
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-class FailingParquet:
-    """``pyarrow.parquet`` as one module sees it (monkeypatch its ``pq``), except that
-    ``write_table`` raises ``error``: other writers of the run keep working."""
+def fail_answers_writes(monkeypatch, error: Exception) -> None:
+    """Writing an answers file (its hidden temp file in a ``run_date=`` partition) raises
+    ``error``; the other files of the run (and the writability probe) are written as usual."""
+    real = Path.write_bytes
 
-    def __init__(self, error: Exception):
-        self.error = error
+    def write_bytes(self, data):
+        if self.parent.name.startswith("run_date=") and ".parquet." in self.name:
+            raise error
+        return real(self, data)
 
-    def __getattr__(self, name):
-        import pyarrow.parquet
-
-        return getattr(pyarrow.parquet, name)
-
-    def write_table(self, *_args, **_kwargs):
-        raise self.error
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
 
 
 def fill(folder: Path) -> None:

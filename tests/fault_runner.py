@@ -12,7 +12,7 @@ Ingest faults: ``decode`` / ``embed`` (a Ray worker or CLIP actor SIGKILLs the d
 finishing its N-th batch), ``write`` (the driver dies while LanceDB writes the N-th commit's
 ``images`` fragment), ``between`` (it dies after the N-th commit wrote ``images`` and
 ``rejects``, before the ``files`` ledger rows), ``none``.  Query faults: ``generate`` (killed
-inside the N-th generation batch), ``write`` (killed with a torn temp answers file), ``none``.
+inside the N-th generation batch, by the engine replica), ``write`` (killed with a torn temp answers file), ``none``.
 ``actor_dies`` / ``decode_dies`` (the worker kills itself, the driver lives) are used in-process
 by the tests through :func:`install`.
 
@@ -156,21 +156,20 @@ def install(fault: str, n: int, counter: str, poison: str = "", patch=setattr) -
         raise SystemExit(f"unknown ingest fault {fault!r}")
 
 
-class TornParquet:
-    """``pyarrow.parquet`` as ``tasks.io.answers`` sees it, except that ``write_table`` leaves
-    half a file behind and dies (the work files of the run are written normally)."""
+def torn_answers_write(self, data) -> None:
+    """``Path.write_bytes`` as the atomic writer calls it, except that the answers file's temp
+    file gets half its bytes and the process dies (the run's work files are written normally)."""
+    if not (self.parent.name.startswith("run_date=") and self.name.endswith(".tmp")
+            and ".parquet." in self.name):  # not the answers file (e.g. the writability probe)
+        return REAL_WRITE_BYTES(self, data)
+    with open(self, "wb") as f:
+        f.write(bytes(data)[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def __getattr__(self, name):
-        import pyarrow.parquet
 
-        return getattr(pyarrow.parquet, name)
-
-    def write_table(self, table, where, **kw):
-        import pyarrow.parquet
-
-        pyarrow.parquet.write_table(table, where, **kw)
-        os.truncate(where, os.path.getsize(where) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
+REAL_WRITE_BYTES = Path.write_bytes
 
 
 class GenerateThenKillDriver(tasks.query.generate.Generator):
@@ -183,13 +182,11 @@ class GenerateThenKillDriver(tasks.query.generate.Generator):
 
 
 def install_query(fault: str, n: int, counter: str) -> None:
-    import tasks.io.answers
-
     STATE.update(driver=os.getpid(), counter=counter, n=n)
-    if fault == "generate":
+    if fault == "generate":  # the engine runs in a Ray actor: the replica kills the driver
         tasks.query.generate.Generator = GenerateThenKillDriver
     elif fault == "write":
-        tasks.io.answers.pq = TornParquet()
+        Path.write_bytes = torn_answers_write
     elif fault != "none":
         raise SystemExit(f"unknown query fault {fault!r}")
 

@@ -1,8 +1,9 @@
 """``mmrag export-instructions`` and ``mmrag finetune``: domain adaptation of the answer model.
 
 Both are single-machine jobs that run as plain functions, without Prefect: an export reads one
-table and writes one folder, a fine-tune holds one GPU for hours; an ephemeral Prefect server
-would add start-up time and nothing else.  ``flows/finetune.py`` wraps both for deployments.
+table and writes one folder, a fine-tune holds the GPUs of one machine for hours (several GPUs:
+the same command under ``torchrun`` / ``accelerate launch``); an ephemeral Prefect server would
+add start-up time and nothing else.  ``flows/finetune.py`` wraps both for deployments.
 """
 
 from __future__ import annotations
@@ -65,33 +66,53 @@ def finetune(
         help="train the last N vision layers LLaVA reads, in full")] = 0,
     train_projector: Annotated[bool, typer.Option(help="train the projector in full")]
     = False,
-    epochs: Annotated[int, typer.Option(help="passes over train.json")] = 1,
-    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (beats epochs)")]
-    = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="passes over train.json (neither this nor --max-steps: 3000 steps)")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="optimizer steps (beats epochs)")] = None,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(help="records per forward pass")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = 4,
-    warmup_ratio: Annotated[float, typer.Option(help="share of steps warming up")] = 0.03,
+    scheduler: Annotated[str, typer.Option(help="cosine | linear | constant | ...")]
+    = "cosine",
+    batch_size: Annotated[int, typer.Option(help="records per forward pass, per GPU")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = 8,
+    warmup_steps: Annotated[int, typer.Option(help="steps warming up")] = 100,
+    warmup_ratio: Annotated[float | None, typer.Option(
+        help="share of steps warming up (replaces --warmup-steps)")] = None,
     max_length: Annotated[int, typer.Option(help="tokens per record (image incl.)")] = 2048,
-    save_steps: Annotated[int | None, typer.Option(help="checkpoint every N steps")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option(help="less memory, slower")]
+    save_steps: Annotated[int | None, typer.Option(
+        help="checkpoint every N steps (0: never)")] = 500,
+    eval_steps: Annotated[int | None, typer.Option(
+        help="validation loss every N steps (0: before and after only)")] = 500,
+    precision: Annotated[str, typer.Option(
+        help="auto (fp16 on CUDA, else fp32) | fp32 | fp16 | bf16")] = "auto",
+    load_in_4bit: Annotated[bool, typer.Option(
+        "--load-in-4bit", help="QLoRA: NF4 base, CUDA only (the qlora extra: bitsandbytes)")]
     = False,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="less memory, slower (default: on with --load-in-4bit)")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume/--no-resume",
+        help="continue from OUTPUT_DIR/checkpoints (default: when it holds one)")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader processes reading images")] = 0,
     merge: Annotated[bool, typer.Option(help="also write merged/ (for vLLM)")] = False,
-    seed: Annotated[int, typer.Option(help="shuffling and LoRA init")] = 0,
+    seed: Annotated[int, typer.Option(help="data order, LoRA init and dropout")] = 0,
 ) -> None:
-    """LoRA fine-tune LLaVA on an exported dataset; writes OUTPUT_DIR/adapter (+ merged)."""
+    """LoRA fine-tune LLaVA on an exported dataset (transformers Trainer); writes
+    OUTPUT_DIR/adapter (+ merged). Several GPUs: start it with torchrun or accelerate launch."""
     settings = settings_from(ctx)
     from tasks.adapt.finetune import FinetuneConfig
 
     given = dict(locals())  # the options named like FinetuneConfig fields
+    given |= {k: given[k] or None for k in ("save_steps", "eval_steps")}  # 0 = never
     cfg = FinetuneConfig(
         base=base or settings.vlm_spec()[1],
         target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
         **{k: given[k] for k in FinetuneConfig.__dataclass_fields__
            if k in given and k not in ("base", "target_modules")})
     summary = _finetune(settings, dataset_dir, output_dir, cfg)
-    _print_finetune(summary)
+    if summary["main_process"]:
+        _print_finetune(summary)
 
 
 def _export(settings, out_dir: Path, options: dict, answers, reviewed, table,
@@ -118,22 +139,30 @@ def _export(settings, out_dir: Path, options: dict, answers, reviewed, table,
 def _finetune(settings, dataset_dir: Path, output_dir: Path, cfg) -> dict:
     from pydantic import ValidationError
 
+    from flows.finetune import TrainingProgress
     from tasks.adapt.finetune import FinetuneError, finetune
 
     try:
-        return finetune(dataset_dir, output_dir, cfg, settings.cache_dir)
+        with TrainingProgress() as progress:
+            return finetune(dataset_dir, output_dir, cfg, settings.cache_dir,
+                            callbacks=[progress.callback()])
     except (FinetuneError, ValidationError, OSError) as e:
         fatal(str(e).splitlines()[0])
 
 
 def _print_finetune(summary: dict) -> None:
     losses = summary["losses"]
+    devices = f"{summary['device']} x{summary['world_size']}" if summary["world_size"] > 1 \
+        else summary["device"]
     lines = [f"{summary['steps']} steps on {summary['train_records']} records in "
-             f"{summary['seconds']} s ({summary['device']}): loss {losses[0]:.4f} -> "
+             f"{summary['seconds']} s ({devices}, {summary['precision']}"
+             f"{', 4-bit base' if summary['load_in_4bit'] else ''}): loss {losses[0]:.4f} -> "
              f"{losses[-1]:.4f}"]
+    if summary["resumed_from"]:
+        lines.append(f"  resumed from {summary['resumed_from']}")
     if summary["val_loss_before"] is not None:
         lines.append(f"  validation loss {summary['val_loss_before']:.4f} -> "
-                     f"{summary['val_loss_after']:.4f} ({summary['val_records']} records)")
+                     f"{summary['val_loss_after']:.4f} ({summary['eval_records']} records)")
     lines.append(f"  adapter: {summary['adapter']} (MMRAG_VLM_ADAPTER)")
     if summary.get("merged"):
         lines.append(f"  merged: {summary['merged']} (MMRAG_VLM_MODEL, vLLM)")

@@ -64,16 +64,18 @@ def fatal(message: str) -> NoReturn:
 
 def prefect_defaults() -> None:
     """Quiet, patient defaults for the ephemeral Prefect server: analytics off, and a start-up
-    timeout that a loaded 2-core machine can meet (Prefect's own 20 s is too close)."""
+    timeout that a loaded 2-core machine can meet (Prefect's own 20 s is too close).  Model
+    loading bars are off too: the flows report their own progress."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def run_flow(settings, flow_, *args, **kwargs):
-    """Run a flow with quiet terminal output (full logs in the run's log file); a Prefect
-    server that cannot start is a one-line fatal error, not a traceback."""
+def run_flow(work_dir: str, flow_, *args, **kwargs):
+    """Run a flow with quiet terminal output (full logs in a file under ``work_dir/logs``); a
+    Prefect server that cannot start is a one-line fatal error, not a traceback."""
     prefect_defaults()
-    with output.quiet(settings.work_dir, flow_.name):
+    with output.quiet(work_dir, flow_.name):
         try:
             return flow_(*args, **kwargs)
         except RuntimeError as e:

@@ -39,7 +39,7 @@ def backfill(
         select_dumps(settings, **{k: params[k] for k in keys})  # fail fast, before Prefect
         if chunk_size < 1:
             raise BackfillError("--chunk-size must be at least 1")
-        summary = run_flow(settings, backfill_flow, **params, settings=settings)
+        summary = run_flow(settings.work_dir, backfill_flow, **params, settings=settings)
     except BackfillIncomplete as e:
         print_summary(e.summary)
         typer.secho(f"error: {e}", fg="red", err=True)

@@ -58,7 +58,7 @@ def _run(settings, params: dict, variant_specs: list[str], augment: str | None) 
     try:
         params["variants"] = _preflight(settings, params, variant_specs)
         params["augmentations"] = _kinds(augment)
-        summary = run_flow(settings, evaluate_flow, settings=settings, **params)
+        summary = run_flow(settings.work_dir, evaluate_flow, settings=settings, **params)
     except (StoreError, AnswersNotFound, ValueError, OSError) as e:
         fatal(str(e))
     typer.echo(format_summary(summary))

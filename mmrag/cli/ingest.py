@@ -53,7 +53,7 @@ def ingest(
 
     try:
         preflight(source, settings)
-        summary = run_flow(settings, ingest_flow, source, settings)
+        summary = run_flow(settings.work_dir, ingest_flow, source, settings)
     except (SourceError, StoreError, PipelineError) as e:
         fatal(str(e))
     print_summary(summary)

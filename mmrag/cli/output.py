@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-#: Prefect's per-run engine lines; the command prints its own summary instead.
-_CHATTER = re.compile(r"^(Beginning (flow|subflow) run|View at |Finished in state "
-                      r"(Completed|Cached)|Created task run|Executing |Submitting |See https://"
-                      r"docs\.prefect\.io)")
+#: Prefect's per-run engine lines, and the flows' summary dicts (kept for the Prefect run
+#: log): the command prints its own summary instead.
+_CHATTER = re.compile(r"^(Beginning (flow|subflow) run|View at |Finished in state |Created task "
+                      r"run|Executing |Submitting |Stopping temporary server|\w+ summary: \{)")
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
@@ -30,7 +30,12 @@ class TerminalFilter(logging.Filter):
             return True
         if record.levelno >= logging.ERROR and record.name.startswith(_RUN_LOGGERS):
             return False
-        return not _CHATTER.match(record.getMessage())
+        message = record.getMessage()
+        if _CHATTER.match(message):
+            return False
+        if "\n" in message and record.name == "prefect":  # the server's how-to link
+            record.msg, record.args = message.split("\n", 1)[0], ()
+        return True
 
 
 def _console_handlers() -> list[logging.Handler]:
@@ -43,21 +48,20 @@ def _console_handlers() -> list[logging.Handler]:
 
 @contextlib.contextmanager
 def quiet(work_dir: str, name: str) -> Iterator[Path]:
-    """Filter the terminal and keep the full log in a file for the duration of one command."""
+    """Filter the terminal for the rest of the process (the Prefect server still logs when it
+    stops at exit) and keep the full log of this command in a file."""
     logs = Path(work_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root, flt = logging.getLogger(), TerminalFilter()
-    consoles = _console_handlers()
-    for handler in consoles:
-        handler.addFilter(flt)
+    for handler in _console_handlers():
+        if not any(isinstance(f, TerminalFilter) for f in handler.filters):
+            handler.addFilter(TerminalFilter())
+    root = logging.getLogger()
     root.addHandler(file_handler)
     try:
         yield path
     finally:
         root.removeHandler(file_handler)
         file_handler.close()
-        for handler in consoles:
-            handler.removeFilter(flt)

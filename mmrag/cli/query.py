@@ -29,7 +29,7 @@ def query(
 
     try:  # before Prefect starts: one line, no traceback
         check_writable(settings.out, run_date)
-        summary = run_flow(settings, query_flow, queries, settings, run_id, run_date)
+        summary = run_flow(settings.work_dir, query_flow, queries, settings, run_id, run_date)
     except (QueryFileError, StoreError, GenerationError, ValueError, OSError) as e:
         fatal(str(e))
     typer.echo(f"run {summary['run_id']}: {summary['queries']} queries, {summary['answered']} "

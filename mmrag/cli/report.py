@@ -102,15 +102,6 @@ def _overview(settings, table, path, roots, storage) -> None:
 
 def _write(path: str, text: str, storage) -> None:
     """Local folder or object store (the reports sit next to the answers by default)."""
-    import os
+    from tasks.io import atomic
 
-    from tasks.io.objstore import filesystem, is_local
-
-    if is_local(path):
-        path = os.path.abspath(path.removeprefix("file://"))
-    fs_, where = filesystem(path, storage)
-    parent = where.rsplit("/", 1)[0]
-    if parent and parent != where:
-        fs_.create_dir(parent, recursive=True)
-    with fs_.open_output_stream(where) as f:
-        f.write(text.encode("utf-8"))
+    atomic.write_bytes(path, text.encode("utf-8"), storage)

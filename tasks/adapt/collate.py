@@ -1,17 +1,19 @@
 """Instruction records → training tensors for LLaVA: llava-1.5 prompts, labels on answers only.
 
-Prompts use the same format as the query engines (``tasks.models.engines.format_prompt``), so what
-is
-trained is what is asked later: ``USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
-{a2}</s>``.  Labels cover only the gpt turns and their end-of-sequence token: the model learns
-to answer, not to reproduce questions or image tokens.  Images are read per batch, so a large
-dataset never sits in memory as pixels.
+Prompts use the same format as the query engines (``tasks.models.engines.format_prompt``), so
+what is trained is what is asked later:
+``USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>``.  Labels cover only
+the gpt turns and their end-of-sequence token: the model learns to answer, not to reproduce
+questions or image tokens.  Images are read per record as it is fetched, so a large dataset
+never sits in memory as pixels.
+
+``InstructionDataset`` and ``Collator`` are what ``transformers.Trainer`` takes: a map-style
+dataset of encoded records (records whose prompt leaves no room for an answer within
+``max_length`` are dropped up front, from the text alone) and the padding collate function.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.instructions import IMAGE_TOKEN, InstructionRecord
@@ -28,8 +30,7 @@ def encode(record: InstructionRecord, processor, images_dir: Path, max_length: i
     with Image.open(images_dir / record.image) as im:
         image = im.convert("RGB")
     turns = record.conversations
-    first = format_prompt(turns[0].value.removeprefix(IMAGE_TOKEN + "\n"), True,
-                          processor.image_token)
+    first = first_prompt(record, processor)
     inputs = processor(images=[image], text=[first], return_tensors="pt")
     ids, labels = inputs["input_ids"][0].tolist(), []
     labels = [IGNORE] * len(ids)
@@ -61,15 +62,55 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
 
 
-def batches(records: list[InstructionRecord], processor, images_dir: Path, batch_size: int,
-            max_length: int, rng: random.Random | None) -> Iterator[dict]:
-    """Encoded batches, shuffled when ``rng`` is given; records with nothing to learn dropped."""
-    order = list(range(len(records)))
-    if rng is not None:
-        rng.shuffle(order)
-    for start in range(0, len(order), batch_size):
-        examples = [encode(records[i], processor, images_dir, max_length)
-                    for i in order[start:start + batch_size]]
-        examples = [e for e in examples if any(t != IGNORE for t in e["labels"])]
-        if examples:
-            yield collate(examples, processor.tokenizer.pad_token_id)
+def first_prompt(record: InstructionRecord, processor) -> str:
+    """The first human turn as the model sees it, with one ``<image>`` placeholder."""
+    return format_prompt(record.conversations[0].value.removeprefix(IMAGE_TOKEN + "\n"), True,
+                         processor.image_token)
+
+
+def image_token_count(processor) -> int:
+    """How many tokens the processor expands ``<image>`` into: fixed for LLaVA-1.5, whose
+    images are resized and cropped to one size before the vision tower."""
+    from PIL import Image
+
+    inputs = processor(images=[Image.new("RGB", (8, 8))], text=[processor.image_token],
+                       return_tensors="pt")
+    return int((inputs["input_ids"][0] == processor.image_token_id).sum())
+
+
+def prompt_length(record: InstructionRecord, processor, image_tokens: int) -> int:
+    """Tokens before the first answer, from the text alone (no image is read): the processor's
+    own expansion of ``<image>`` followed by the tokenizer, as in ``encode``."""
+    text = first_prompt(record, processor).replace(processor.image_token,
+                                                   processor.image_token * image_tokens)
+    return len(processor.tokenizer(text).input_ids)
+
+
+class InstructionDataset:
+    """Map-style dataset for ``Trainer``: ``dataset[i]`` is ``encode`` of the i-th kept record.
+
+    Records whose first prompt already fills ``max_length`` have no answer token to learn and
+    are left out (``dropped``); images are read only when an item is fetched."""
+
+    def __init__(self, records: list[InstructionRecord], processor, images_dir: Path,
+                 max_length: int):
+        n_image = image_token_count(processor) if records else 0
+        self.records = [r for r in records if prompt_length(r, processor, n_image) < max_length]
+        self.dropped = len(records) - len(self.records)
+        self.processor, self.images_dir, self.max_length = processor, images_dir, max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return encode(self.records[i], self.processor, self.images_dir, self.max_length)
+
+
+class Collator:
+    """``collate`` with the tokenizer's pad id: the Trainer's ``data_collator``."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return collate(examples, self.pad_id)

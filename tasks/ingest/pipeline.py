@@ -64,13 +64,14 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
     if todo.num_rows == 0:
         return
     _quiet_ray_data()
-    block = max(decode_batch_size, 64)
+    decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // max(actors, 1))))
+    block = max(decode_rows, min(64, -(-todo.num_rows // max(actors, 1))))
     blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
     gpus = 1 if spec.device == "cuda" or (
         spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
     ds = ray.data.from_arrow(blocks).map_batches(
         partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage),
-        batch_size=decode_batch_size, batch_format="numpy", num_cpus=decode_cpus,
+        batch_size=decode_rows, batch_format="numpy", num_cpus=decode_cpus,
         max_retries=BATCH_RETRIES,
     )
     ds = ds.map_batches(
@@ -100,6 +101,8 @@ def _quiet_ray_data() -> None:
     ctx.execution_options.verbose_progress = False
     for name in ("ray.data", "ray.data._internal"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it only announces that the bars are off, which we just asked for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # the retry caps have no named parameter in Ray 2.60 yet; the notice is not the user's to act on
     warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
 

@@ -23,7 +23,7 @@ from schemas.tables import SCORE_COLUMNS, files_schema, images_schema
 from tasks.ingest.discover import list_dump, open_source
 from tasks.ingest.metadata import load_metadata
 from tasks.ingest.plan import plan_ingest
-from tasks.io import store
+from tasks.io import atomic, store
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec
 
@@ -69,8 +69,7 @@ def prepare(source: str, db_uri: str, spec: ClipSpec, dim: int, run_id: str,
     with store.writer_lock(db_uri, tables.images.name):
         plan = _plan_and_record(tables, listing, meta, uri_root, run_id)
     todo = plan.todo.filter(pl.col("escape").is_null())
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    todo.write_parquet(plan_path)
+    atomic.write_parquet(todo, plan_path)
     stages = Counter(r["stage"] for r in plan.rejects)
     return IngestCounts(seen=plan.seen, unchanged=plan.unchanged, todo=todo.height,
                         rejected=dict(stages))

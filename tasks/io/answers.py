@@ -19,7 +19,6 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from schemas.answers import ANSWER_SCHEMA, ANSWERS_DIR, RETRIEVED_TYPE
@@ -134,9 +133,8 @@ def publish(table: pa.Table, final: str, storage: StorageConfig | None = None) -
     """Make ``final`` appear complete or not at all, locally or on object storage (shared by
     every Parquet dataset mmrag writes: answers, metrics).  Serialised first, so a writer
     error never reaches the destination."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
-    atomic.write_bytes(final, memoryview(sink.getvalue()), storage)
+    atomic.write_parquet(table, final, storage, compression=COMPRESSION,
+                         row_group_size=ROW_GROUP_ROWS)
 
 
 def _polars_schema() -> pl.Schema:

@@ -37,6 +37,20 @@ def write_bytes(final: str | Path, data: bytes | memoryview,
         out.write(data)
 
 
+def write_parquet(table, final: str | Path, storage: StorageConfig | None = None,
+                  **options) -> None:
+    """A Parquet file (an Arrow table or a Polars frame), serialised first, then written
+    atomically like any other file: a failing writer never reaches ``final``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = table.to_arrow()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    write_bytes(final, memoryview(sink.getvalue()), storage)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, *, folder: bool = False,
                 keep_existing: bool = False) -> Iterator[Path]:

@@ -3,6 +3,7 @@ a running cluster joined by address.  Ray itself schedules; this module only sta
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ def init_ray(config: RayConfig) -> None:
         _connect(address)
         return
     os.makedirs(temp_dir, exist_ok=True)
+    # a local Ray of our own: its token-auth notice is not the user's to act on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True, _temp_dir=os.path.abspath(temp_dir))
 

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -74,10 +76,26 @@ def ensure_tiny_clip(cache_dir: str | Path, seed: int = 0) -> tuple[str, str]:
 
         open_clip.add_model_config(str(root))
         torch.manual_seed(seed)
-        model = open_clip.create_model(TINY_NAME, pretrained=None)
+        with _expected_random_init():
+            model = open_clip.create_model(TINY_NAME, pretrained=None)
         with atomic.atomic_path(ckpt) as tmp:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return str(root), str(ckpt)
+
+
+@contextmanager
+def _expected_random_init() -> Iterator[None]:
+    """open_clip warns (on the root logger) that a model without weights is random: building
+    the tiny checkpoint, that is the point."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def resolve_spec(model: str, pretrained: str, cache_dir: str, precision: str = "auto",

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from schemas.answers import RETRIEVED_TYPE
 from schemas.queries import BOUND_COLUMNS
+from tasks.io import atomic
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, model_shape
 from tasks.models.engines import EngineConfig
@@ -62,8 +63,7 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
         retrieval_ms=pl.Series([embed_ms + timings[i] if i in timings else None
                                 for i in range(plan.height)], dtype=pl.Float32),
     ).to_arrow().append_column("retrieved", retrieved)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(out, out_path)
+    atomic.write_parquet(out, out_path)
     return {"queries": plan.height, "bad_rows": int(plan["error"].is_not_null().sum()),
             "retrieve_errors": len(errors), "table_version": pinned.version}
 

@@ -63,3 +63,22 @@ def test_sample_dump_ingest_then_query(tmp_path, cache_dir):
     assert "8 queries, 6 answered, errors: query=2" in answered.stdout
     out = list((tmp_path / "out" / "answers").glob("run_date=*/cli.parquet"))
     assert len(out) == 1 and str(out[0]) in answered.stdout.replace("\n", "")
+    for run in (first, answered):  # quiet terminal: no deprecation notices, no engine chatter
+        printed = run.stdout + run.stderr
+        assert "Deprecation" not in printed and "Traceback" not in printed
+        assert "Finished in state" not in printed and "summary: {" not in printed
+        assert len(run.stderr.strip().splitlines()) <= 8, run.stderr
+
+
+@pytest.mark.slow
+def test_error_inside_a_flow_is_one_line_and_its_traceback_goes_to_the_log(tmp_path, cache_dir):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"query_id": "a", "text": "a street"}\n')
+    r = _run(["query", str(queries), "--out", str(tmp_path / "out")], tmp_path, cache_dir)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "images" in lines[-1], r.stderr
+    assert [x for x in lines if "error" in x.lower()] == [lines[-1]], r.stderr
+    assert "Traceback" not in r.stderr
+    logs = list((tmp_path / "w" / "logs").glob("query-*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text()

@@ -18,7 +18,8 @@ PAGE = ROOT / "docs" / "reference" / "data-dictionary.md"
 
 def test_docs_page_block_is_the_generated_dictionary():
     assert d.readme_block(PAGE.read_text()) == d.markdown(), (
-        "docs data dictionary is stale: run `mmrag schema --readme docs/reference/data-dictionary.md`")
+        "docs data dictionary is stale: run "
+        "`mmrag schema --readme docs/reference/data-dictionary.md`")
 
 
 def test_every_column_of_every_contract_is_documented():

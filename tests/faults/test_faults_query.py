@@ -14,10 +14,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from fault_checks import (
-    FailingParquet,
     assert_exactly,
     cli,
     expected_rows,
+    fail_answers_writes,
     fill,
     make_fault_dump,
     one_line_error,
@@ -141,8 +141,6 @@ def test_disk_full_writing_answers(world, tmp_path, monkeypatch):
     ``error:`` line naming the file, the previous answers of the run byte-identical."""
     import errno
 
-    import tasks.io.answers
-
     _, settings, queries = world
     with tmpfs(tmp_path / "fs") as fs:
         out = fs or tmp_path / "out"
@@ -151,7 +149,7 @@ def test_disk_full_writing_answers(world, tmp_path, monkeypatch):
             fill(fs)
         else:
             error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            monkeypatch.setattr(tasks.io.answers, "pq", FailingParquet(error))
+            fail_answers_writes(monkeypatch, error)
         failed = cli(["query", queries, "--run-id", "full", "--run-date", DATE, "--engine",
                       "none", "--out", str(out)], monkeypatch, **_env(settings))
         line = one_line_error(failed)
