@@ -11,8 +11,9 @@ normal entry point (``ingest_flow.fn`` / ``query_flow.fn``) with ``Settings()`` 
 Ingest faults: ``decode`` / ``embed`` (a Ray worker or CLIP actor SIGKILLs the driver after
 finishing its N-th batch), ``write`` (the driver dies while LanceDB writes the N-th commit's
 ``images`` fragment), ``between`` (it dies after the N-th commit wrote ``images`` and
-``rejects``, before the ``files`` ledger rows), ``none``.  Query faults: ``generate`` (killed
-inside the N-th generation batch, by the engine replica), ``write`` (killed with a torn temp answers file), ``none``.
+``rejects``, before the ``files`` ledger rows), ``none``.  Query faults: ``generate`` (the
+engine replica kills the driver inside the N-th generation batch), ``write`` (killed with a
+torn temp answers file), ``none``.
 ``actor_dies`` / ``decode_dies`` (the worker kills itself, the driver lives) are used in-process
 by the tests through :func:`install`.
 
