@@ -67,8 +67,6 @@ def _connect(address: str) -> None:
 
 def quiet_ray_data() -> None:
     """Our own progress reporting replaces Ray Data's per-operator logs and bars."""
-    import logging
-
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -77,5 +75,7 @@ def quiet_ray_data() -> None:
     ctx.execution_options.verbose_progress = False
     for name in ("ray.data", "ray.data._internal"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it only announces that the bars are off, which we just asked for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # the retry caps have no named parameter in Ray 2.60 yet; the notice is not the user's to act on
     warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
