@@ -142,8 +142,8 @@ def test_hostile_captions_and_an_oversized_question(hostile_db, own_cache, tmp_p
         assert row["prompt"].count("<context>") == 1 == row["prompt"].count("</context>")
     assert any(r["n_context_dropped"] > 0 for r in by.values())  # the CJK captions did not fit
     # memory stays flat: the run this guards against reached 24 GiB in one process.  Measured
-    # here: 1.5 GiB for the largest process (an engine replica with 4,000-token prompts) and
-    # 7.7 GiB summed over the ~20 processes of a local Ray (daemons and idle workers included,
+    # here: 1.5–1.7 GiB for the largest process (an engine replica with 4,000-token prompts) and
+    # 7.6–7.7 GiB summed over the ~20 processes of a local Ray (daemons and idle workers included,
     # shared pages counted once per process)
     assert peaks["process"] < 2.5 * 2**30, peaks
     assert peaks["tree"] < 12 * 2**30, peaks
