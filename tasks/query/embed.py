@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from tasks.io.cluster import BATCH_RETRIES
+from tasks.io.cluster import BATCH_RETRIES, quiet_ray_data
 from tasks.models import clip as clip_models
 from tasks.models.clip import ClipSpec, load_clip, model_shape
 from tasks.query.retrieve import embed_queries
@@ -81,6 +81,7 @@ def _embed_on_ray(plan: pl.DataFrame, spec: ClipSpec, max_pixels: int,
                   opts: RayEmbed) -> tuple[np.ndarray, dict[int, str]]:
     import ray
 
+    quiet_ray_data()
     table = plan.with_row_index("_i").with_columns(pl.col("_i").cast(pl.Int64)).to_arrow()
     blocks = [table.slice(i, opts.rows) for i in range(0, table.num_rows, opts.rows)]
     gpus = 1 if spec.device == "cuda" or (
