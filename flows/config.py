@@ -17,7 +17,9 @@ from tasks.io.cluster import RayConfig
 from tasks.io.objstore import StorageConfig
 from tasks.io.store import IndexPolicy
 from tasks.models.clip import ClipSpec, resolve_spec
-from tasks.models.engines import EngineConfig, resolve_engine
+from tasks.models.engines import EngineConfig, box_convention_for, resolve_engine
+from tasks.query.embed import RayEmbed
+from tasks.query.generate import GenerateOptions
 
 
 def storage(settings: Settings) -> StorageConfig:
@@ -50,11 +52,30 @@ def change_options(settings: Settings, allow_deletes: bool = False) -> ChangeOpt
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    """The VLM engine after profile defaults (``auto`` and ``tiny`` resolved here)."""
+    """The VLM engine after profile defaults (``auto``, ``tiny`` and the box convention
+    resolved here)."""
     name, model = resolve_engine(*settings.vlm_spec(), settings.cache_dir)
-    return EngineConfig(name, model, max_new_tokens=settings.max_new_tokens,
-                        temperature=settings.temperature, batch_size=settings.gen_batch_size,
-                        adapter=settings.vlm_adapter)
+    return EngineConfig(
+        name, model, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        batch_size=settings.gen_batch_size, seed=settings.gen_seed, adapter=settings.vlm_adapter,
+        top_p=settings.gen_top_p, top_k=settings.gen_top_k, max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        tensor_parallel_size=settings.vllm_tensor_parallel_size,
+        max_num_seqs=settings.vllm_max_num_seqs, enforce_eager=settings.vllm_enforce_eager,
+        box_convention=box_convention_for(settings.vlm_spec()[1], settings.box_convention))
+
+
+def generate_options(settings: Settings) -> GenerateOptions:
+    """Engine replicas on Ray and what each reserves (``tasks.query.generate``)."""
+    return GenerateOptions(settings.gen_replicas, settings.gen_replica_gpus,
+                           settings.gen_replica_cpus, settings.gen_prompt_cpus,
+                           settings.gen_batch_size, settings.max_image_pixels)
+
+
+def ray_embed(settings: Settings) -> RayEmbed:
+    """When large queries files are embedded in Ray CLIP actors, and with how many."""
+    return RayEmbed(settings.query_ray_min_queries, settings.embed_actors,
+                    settings.embed_actor_cpus, max(settings.batch_size, 64))
 
 
 def images_table(settings: Settings) -> str:

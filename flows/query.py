@@ -1,6 +1,10 @@
 """The query flow: queries file → embed → bulk search at a pinned version → prompts → VLM →
 ``out/answers/run_date=…/{run_id}.parquet``.
 
+The Prefect task is the Ray driver: it reads the queries, searches LanceDB and writes the
+answers; large queries files are embedded, and every prompt is built and answered, on Ray
+(the local Ray, or the cluster at ``MMRAG_RAY_ADDRESS``).
+
 Tasks pass file paths; each writes its result next to the run's other scratch files, so a
 re-run of the same ``run_id`` redoes only what is missing and replaces the output atomically.
 """
@@ -24,8 +28,9 @@ from flows.progress import progress
 from mmrag.settings import Settings
 from tasks.io import atomic
 from tasks.io.answers import check_writable, write_answers
+from tasks.io.cluster import init_ray
 from tasks.models.clip import TINY_WARNING
-from tasks.models.engines import make_engine
+from tasks.models.engines import ADAPTER_ENGINE
 from tasks.query import run as rag
 from tasks.query.queries import read_queries
 
@@ -46,9 +51,10 @@ def plan_task(queries: str, settings: Settings, work: str) -> str:
 def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, dict]:
     spec = config.clip_spec(settings)
     out = Path(work) / "retrieved.parquet"
+    init_ray(config.ray(settings))
     stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels,
-                         config.search_options(settings),
-                         settings.table_suffix, config.storage(settings))
+                         config.search_options(settings), settings.table_suffix,
+                         config.storage(settings), config.ray_embed(settings))
     _logger("mmrag.query").info("retrieved at %s version %d: %s", settings.db,
                                 stats["table_version"], stats)
     return str(out), stats
@@ -57,15 +63,17 @@ def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, d
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(retrieved: str, settings: Settings, run_id: str, run_date: str,
                   total: int) -> tuple[str, dict]:
-    engine_config = config.engine_config(settings)
-    engine = make_engine(engine_config)
-    name, model = engine_config.name, engine_config.model
+    engine = config.engine_config(settings)
+    name, model = engine.name, engine.model
+    if engine.adapter and name == "vllm":  # refused before any replica starts
+        raise ValueError(ADAPTER_ENGINE)
     if settings.vlm_adapter and name != "none":  # answers record which adapter spoke
         model = f"{model}+{settings.vlm_adapter}"
     storage = config.storage(settings)
+    init_ray(config.ray(settings))
     with progress(total, "generate", _logger("mmrag.query")) as advance:
-        rows = rag.respond(Path(retrieved), engine, name, model, run_id,
-                           settings.max_image_pixels, settings.gen_batch_size, advance, storage)
+        rows = rag.respond(Path(retrieved), engine, model, run_id,
+                           config.generate_options(settings), advance, storage)
     path = write_answers(rows, settings.out, run_date, run_id, storage)
     return path, rag.summary(rows) | {"engine": name, "vlm_model": model}
 

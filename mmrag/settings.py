@@ -110,6 +110,46 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(128, ge=1, le=4096, description="tokens generated per answer")
     temperature: float = Field(0.0, ge=0, le=5, description="0 = greedy")
     gen_batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+    gen_replicas: int = Field(
+        1, ge=1, description="engine replicas (Ray actors) answering in parallel: one per GPU "
+        "with vllm, CPU actors with transformers on CPU-only nodes"
+    )
+    gen_replica_gpus: float | None = Field(
+        None, ge=0, description="GPUs per engine replica (None = vllm: "
+        "vllm_tensor_parallel_size; transformers: 1 when the cluster has GPUs, else 0)"
+    )
+    gen_replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per engine replica "
+                                    "(transformers: also its torch threads)")
+    gen_prompt_cpus: float = Field(0.25, gt=0, description="CPUs per prompt-building Ray task "
+                                   "(thumbnails, grid, token budget)")
+    gen_seed: int = Field(0, ge=0, description="run seed: each query samples with seed + its "
+                          "position in the queries file")
+    gen_top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling when temperature > "
+                             "0 (1 = off); the same in every engine")
+    gen_top_k: int = Field(0, ge=0, description="top-k sampling when temperature > 0 (0 = off); "
+                           "the same in every engine")
+    max_model_len: int | None = Field(
+        None, ge=64, description="context length prompts are fitted to, in tokens (None = the "
+        "model's own: 4096 for llava-1.5); vllm allocates its KV cache for it"
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: share of each GPU's memory for weights + KV cache"
+    )
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one replica spans")
+    vllm_max_num_seqs: int | None = Field(
+        None, ge=1, description="vllm: sequences in flight per replica (None = vLLM's default)"
+    )
+    vllm_enforce_eager: bool = Field(
+        False, description="vllm: no CUDA graphs (less memory, slower decoding)"
+    )
+    box_convention: Literal["auto", "padded", "per_mille", "pixels"] = Field(
+        "auto", description="how the VLM writes boxes: padded = fractions of the padded square "
+        "(llava-1.5), per_mille = 0–1000, pixels = of the prompt image; auto = the model's own"
+    )
+    query_ray_min_queries: int = Field(
+        2000, ge=0, description="queries files at least this long are embedded in Ray CLIP "
+        "actors (MMRAG_EMBED_ACTORS of them); 0 = never"
+    )
     top_k: int = Field(5, ge=1, description="images retrieved when a query gives none")
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
     query_image_roots: list[str] = Field(

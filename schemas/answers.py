@@ -19,7 +19,8 @@ from schemas.tables import SCORE_COLUMNS
 # Version history (readers accept every older version; missing columns read as nulls):
 #   1 - first release
 #   2 - adds boxes, raw_answer, search_options
-SCHEMA_VERSION = "2"
+#   3 - adds n_context_dropped, prompt_token_budget (prompts fitted in the model's tokens)
+SCHEMA_VERSION = "3"
 ANSWERS_DIR = "answers"
 
 RETRIEVED_TYPE = pa.struct(
@@ -76,6 +77,8 @@ ANSWER_SCHEMA = pa.schema(
         ("citations", pa.list_(pa.int32())),
         ("n_prompt_tokens", pa.int32()),
         ("n_generated_tokens", pa.int32()),
+        ("n_context_dropped", pa.int32()),
+        ("prompt_token_budget", pa.int32()),
         ("error", pa.string()),
         ("error_stage", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
@@ -106,15 +109,20 @@ COLUMN_DOCS = {
     "prompt_images": "image_ids shown to the VLM, in grid order",
     "generator": "engine: vllm | transformers | none",
     "generator_model": "generation model id or path",
-    "answer": "generated text without its [[x1,y1,x2,y2]] boxes (null for engine none or on "
-    "error)",
+    "answer": "generated text without its boxes (every [x1,y1,x2,y2] or [[x1,y1,x2,y2]] "
+    "bracket of four numbers; null for engine none or on error)",
     "raw_answer": "the model's text exactly as generated",
     "boxes": "grounded regions: image_id + rank of the photo (null = the query photo), x1 y1 x2 "
     "y2 as fractions 0..1 of that photo's width/height",
     "citations": "[n] context ids cited by the answer",
-    "n_prompt_tokens": "prompt tokens incl. image tokens",
+    "n_prompt_tokens": "prompt tokens incl. image tokens, as counted by the engine",
     "n_generated_tokens": "tokens generated",
-    "error": "why this query has no answer (bad row, retrieval or generation failure)",
+    "n_context_dropped": "retrieved items left out of the prompt's context to fit the token "
+    "budget (lowest-ranked first; null for engine none or when no prompt was made)",
+    "prompt_token_budget": "prompt tokens the model allows: max_model_len − max_new_tokens "
+    "(image tokens included; null for engine none)",
+    "error": "why this query has no answer (bad row, retrieval failure, question too long for "
+    "the model, generation failure)",
     "error_stage": "query | retrieve | generate",
     "created_at": "UTC time the row was produced",
     "retrieval_ms": "embedding + search time for this query (batch time shared equally)",

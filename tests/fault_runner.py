@@ -14,8 +14,8 @@ finishing its N-th batch), ``write`` (the driver dies while LanceDB writes the N
 ``rejects``, before the ``files`` ledger rows), ``change`` (it dies right after its N-th write
 to any table: the ``sources`` row, rejects, ledger rows, images updates or deletions, index
 refresh), ``close`` (it dies after the last chunk, before the run reconciled and closed the
-dump), ``none``.  Query faults: ``generate`` (killed
-inside the N-th generation batch), ``write`` (killed with a torn temp answers file), ``none``.
+dump), ``none``.  Query faults: ``generate`` (the engine replica kills the driver inside the
+N-th generation batch), ``write`` (killed with a torn temp answers file), ``none``.
 ``actor_dies`` / ``decode_dies`` (the worker kills itself, the driver lives) are used in-process
 by the tests through :func:`install`.
 
@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import tasks.ingest.pipeline  # noqa: E402
 import tasks.ingest.run  # noqa: E402
+import tasks.query.generate  # noqa: E402
 from tasks.io.images import decode_batch as _real_decode  # noqa: E402
 
 STATE: dict = {"driver": os.getpid(), "counter": "", "n": 0, "poison": ""}
@@ -200,18 +201,19 @@ def torn_answers_write(self, data) -> None:
 REAL_WRITE_BYTES = Path.write_bytes
 
 
+class GenerateThenKillDriver(tasks.query.generate.Generator):
+    """An engine replica (a Ray actor) that kills the driver inside its N-th batch."""
+
+    def __call__(self, batch):
+        if nth_call():
+            kill_driver()
+        return super().__call__(batch)
+
+
 def install_query(fault: str, n: int, counter: str) -> None:
-    import tasks.models.hf_llava
-
     STATE.update(driver=os.getpid(), counter=counter, n=n)
-    if fault == "generate":
-        real = tasks.models.hf_llava.TransformersEngine._generate_batch
-
-        def generate(self, batch):
-            if nth_call():
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, batch)
-        tasks.models.hf_llava.TransformersEngine._generate_batch = generate
+    if fault == "generate":  # the engine runs in a Ray actor: the replica kills the driver
+        tasks.query.generate.Generator = GenerateThenKillDriver
     elif fault == "write":
         Path.write_bytes = torn_answers_write
     elif fault != "none":

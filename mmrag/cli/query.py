@@ -24,12 +24,13 @@ def query(
     from flows.query import query_flow
     from tasks.io.answers import check_writable
     from tasks.io.store import StoreError
+    from tasks.query.generate import GenerationError
     from tasks.query.queries import QueryFileError
 
     try:  # before Prefect starts: one line, no traceback
         check_writable(settings.out, run_date)
         summary = run_flow(settings.work_dir, query_flow, queries, settings, run_id, run_date)
-    except (QueryFileError, StoreError, ValueError, OSError) as e:
+    except (QueryFileError, StoreError, GenerationError, ValueError, OSError) as e:
         fatal(str(e))
     typer.echo(f"run {summary['run_id']}: {summary['queries']} queries, {summary['answered']} "
                f"answered, errors: {counts(summary['errors'])}\n  images table version "

@@ -15,17 +15,13 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
+from tasks.io.cluster import BATCH_RETRIES  # the retry cap shared with the query pipelines
 from tasks.io.images import decode_batch
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, load_clip
 
 log = logging.getLogger(__name__)
 
-#: retries of a batch whose decode worker or CLIP actor process died (Ray Data's default is
-#: unlimited: one input that crashes the process every time would stall the run forever).
-#: Passed as ``ray_remote_args`` (``max_retries``/``max_task_retries``), the only way in Ray
-#: 2.60 (it warns that these move to named parameters in 2.64).
-BATCH_RETRIES = 3
 
 
 class PipelineError(RuntimeError):

@@ -8,6 +8,12 @@ import os
 import warnings
 from dataclasses import dataclass
 
+#: retries of a batch whose Ray worker or actor process died (Ray Data's default is unlimited:
+#: one input that crashes the process every time would stall the run forever).  Passed as
+#: ``ray_remote_args`` (``max_retries``/``max_task_retries``), the only way in Ray 2.60 (it
+#: warns that these move to named parameters in 2.64).  Shared by ingest and query pipelines.
+BATCH_RETRIES = 3
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -57,3 +63,19 @@ def _connect(address: str) -> None:
             hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and "
                     "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's token")
         raise ConnectionError(f"cannot connect to the Ray cluster at {address}: {e}{hint}") from e
+
+
+def quiet_ray_data() -> None:
+    """Our own progress reporting replaces Ray Data's per-operator logs and bars."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.verbose_progress = False
+    for name in ("ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # it only announces that the bars are off, which we just asked for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # the retry caps have no named parameter in Ray 2.60 yet; the notice is not the user's to act on
+    warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")

@@ -28,10 +28,24 @@ IMAGE_TOKEN = "<image>"  # noqa: S105 - a placeholder token, not a secret
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+BOX_CONVENTIONS = ("padded", "per_mille", "pixels")
+#: model-name fragments whose VLMs answer with 0–1000 boxes (Qwen-VL family, CogVLM, InternVL);
+#: everything else (LLaVA-1.5 and its fine-tunes) answers with fractions of the padded square
+_PER_MILLE_MODELS = ("qwen", "cogvlm", "internvl", "minicpm")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from: one value the flow builds from settings, passed
-    whole to whichever engine the registry picks (and picklable, for Ray actors)."""
+    whole to whichever engine the registry picks (and picklable, for Ray actors).
+
+    Sampling is the same in every engine: ``temperature`` 0 is greedy, otherwise both sample
+    with ``top_p`` and ``top_k`` (0 = off) set explicitly, and each request carries its own
+    seed (``seed`` + the query's position, see ``request_seed``).  The ``vllm_*``-named knobs
+    (memory share, tensor parallelism, sequences in flight, eager mode) are vLLM's own;
+    ``max_model_len`` (None = the model's context length) also sizes the prompt budget of the
+    transformers engine.  ``box_convention`` names how the model writes regions.
+    """
 
     name: str = "transformers"
     model: str = "tiny"
@@ -42,12 +56,39 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     adapter: str | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    enforce_eager: bool = False
+    box_convention: str = "padded"
 
 
 @dataclass
 class GenRequest:
     prompt: str  # text prompt WITHOUT the image token; the engine applies the chat template
     image: Image.Image | None = None
+    seed: int | None = None  # None = the engine's configured seed
+
+
+def request_seed(run_seed: int, position: int) -> int:
+    """The seed of one request: the run's seed plus the query's position in its file, so a
+    sampled answer depends on neither its batch mates nor the replica that ran it."""
+    return (int(run_seed) + int(position)) % (2**31)
+
+
+def box_convention_for(model: str, setting: str = "auto") -> str:
+    """``auto`` → the convention the configured model was trained with (see ``BOX_CONVENTIONS``
+    and ``tasks.query.boxes``); an explicit setting is checked and kept."""
+    if setting != "auto":
+        if setting not in BOX_CONVENTIONS:
+            raise ValueError(f"unknown box convention {setting!r}; choose one of: auto, "
+                             + ", ".join(BOX_CONVENTIONS))
+        return setting
+    name = str(model).lower()
+    return "per_mille" if any(m in name for m in _PER_MILLE_MODELS) else "padded"
 
 
 @dataclass
@@ -79,6 +120,24 @@ def format_prompt(prompt: str, has_image: bool, image_token: str = IMAGE_TOKEN) 
     image_part = f"{image_token}\n" if has_image else ""
     text = prompt.replace(image_token, "")  # a stray placeholder in retrieved text breaks the batch
     return f"USER: {image_part}{text} ASSISTANT:"
+
+
+def model_limits(model: str) -> tuple[int, int]:
+    """(context length in tokens, tokens one image takes) from the checkpoint's own config:
+    4,096 and 576 for llava-1.5, what the config says for any other LLaVA checkpoint."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text = getattr(config, "text_config", None) or config
+    context = getattr(text, "max_position_embeddings", None) or 4096
+    return int(context), int(getattr(config, "image_seq_length", None) or 576)
+
+
+def load_tokenizer(model: str):
+    """The VLM's own tokenizer (prompt budgets are counted with it, not in characters)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
 
 
 def check_image(request: GenRequest) -> None:

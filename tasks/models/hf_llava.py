@@ -1,5 +1,10 @@
 """LLaVA through plain transformers: the engine that runs anywhere (CPU included), and the
-one the CPU test suite exercises with the tiny checkpoint from ``tasks.models.tiny_llava``."""
+one the CPU test suite exercises with the tiny checkpoint from ``tasks.models.tiny_llava``.
+
+Sampling matches the vLLM engine: temperature, top_p and top_k are passed explicitly (the
+checkpoint's generation config would otherwise add its own ``top_k=50``), and each request is
+seeded with its own seed.  ``generate`` draws from one global generator for a whole batch, so
+sampled requests run one at a time under their seed; greedy requests are batched."""
 
 from __future__ import annotations
 
@@ -16,6 +21,17 @@ from tasks.models.engines import (
     format_prompt,
     run_with_fallback,
 )
+
+
+def generation_kwargs(config: EngineConfig, pad_token_id: int | None) -> dict[str, Any]:
+    """Greedy at temperature 0 (reproducible answers), otherwise sampling with temperature,
+    top_p and top_k all explicit (top_k 0 = off, as in vLLM)."""
+    kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens,
+                              "do_sample": config.temperature > 0, "pad_token_id": pad_token_id}
+    if config.temperature > 0:
+        kwargs |= {"temperature": config.temperature, "top_p": config.top_p,
+                   "top_k": config.top_k}
+    return kwargs
 
 
 class TransformersEngine:
@@ -41,22 +57,17 @@ class TransformersEngine:
 
             self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
         self.model = self.model.to(self.device).eval()
-        self.gen_kwargs = self._generation_kwargs(config.max_new_tokens, config.temperature)
-
-    def _generation_kwargs(self, max_new_tokens: int, temperature: float) -> dict[str, Any]:
-        """Greedy at temperature 0 (reproducible answers), sampling otherwise."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": temperature > 0,
-            "pad_token_id": self.processor.tokenizer.pad_token_id,
-        }
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-        return kwargs
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        positions = text_config.max_position_embeddings
+        self.context = min(config.max_model_len or positions, positions)
+        self.max_new_tokens = config.max_new_tokens
+        self.sampling = config.temperature > 0
+        self.gen_kwargs = generation_kwargs(config, self.processor.tokenizer.pad_token_id)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         results: list[GenResult] = []
-        for batch in chunks(requests, self.batch_size):
+        size = 1 if self.sampling else self.batch_size  # one seed per request when sampling
+        for batch in chunks(requests, size):
             results.extend(run_with_fallback(batch, self._generate_batch))
         return results
 
@@ -76,7 +87,12 @@ class TransformersEngine:
         import torch
 
         inputs = self._encode(batch)
-        torch.manual_seed(self.seed)  # sampling is reproducible per batch
+        width = inputs["input_ids"].shape[1]
+        if width + self.max_new_tokens > self.context:  # a batch fails; its culprit fails alone
+            raise ValueError(f"prompt of {width} tokens + {self.max_new_tokens} new tokens "
+                             f"exceeds the model's context of {self.context} tokens")
+        seed = batch[0].seed if batch[0].seed is not None else self.seed
+        torch.manual_seed(seed)  # sampled batches hold one request: its own seed
         with torch.inference_mode():
             output = self.model.generate(**inputs, **self.gen_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()

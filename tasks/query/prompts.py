@@ -7,14 +7,12 @@ may say anything, so every delimiter-like ``<…>`` and every ``<image>`` placeh
 neutralised (``<``/``>`` become ``‹``/``›``), ``[n]`` look-alikes become ``(n)``, and
 control/format characters are removed (newlines collapse: one line per item) before they enter
 the block.  A caption saying "</context> Ignore previous instructions" stays inside the block.
-The question gets the same treatment minus the brackets (a user may refer to ``[2]``).
-
-Why one grid image: LLaVA-1.5 is trained on a single 336×336 image per conversation; several
-``<image>`` tokens work poorly (and its HF processor centre-crops non-square inputs).  So the
-query photo and the best hits are tiled into one square picture, each tile labelled in a corner
-("Q", "1", "2" …) so the model and the prompt can refer to the same photo.  At most
-``MAX_GRID = 4`` tiles: a 2×2 grid gives each photo 168 px at the 336-px input, already half
-the native resolution; a 3×3 grid (112 px) leaves little a street scene can be judged from.
+LLaVA-1.5's roles are plain text (``USER: … ASSISTANT:``), so role markers in any spelling, case
+or spacing (``ASSISTANT:``, ``a s s i s t a n t :``, full-width ``ＵＳＥＲ：``) lose their colon
+(``assistant -``), and the tokenizer's own special tokens (``</s>``, ``<|im_start|>``,
+``[INST]`` …) are removed.  The question gets the same treatment minus the brackets (a user may
+refer to ``[2]``).
+The grid image itself is built in ``tasks.query.grid``.
 """
 
 from __future__ import annotations
@@ -24,13 +22,10 @@ import numbers
 import re
 import unicodedata
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
-
 from schemas.tables import SCORE_COLUMNS
-from tasks.io.images import open_rgb, read_bytes, to_rgb
-from tasks.io.objstore import StorageConfig
+from tasks.query.grid import MAX_GRID, build_grid, load_thumbnail
 
-MAX_GRID = 4
+__all__ = ["MAX_GRID", "build_grid", "load_thumbnail"]  # re-exported: their older home
 DEFAULT_QUESTION = "Describe what these street scenes have in common and how they differ."
 CONTEXT_OPEN, CONTEXT_CLOSE = "<context>", "</context>"
 INSTRUCTION = (
@@ -40,31 +35,63 @@ INSTRUCTION = (
     "[n]."
 )
 _IMAGE_TOKEN = re.compile(r"<\s*image\s*>", re.IGNORECASE)
+_ROLES = ("user", "assistant", "system", "human", "gpt")
+#: a role word with anything but letters between its letters, then a colon (or a look-alike);
+#: also glued to a word before it ("SAFEUSER:"), which costs an ordinary "superuser:" its colon
+_ROLE_MARKER = re.compile(
+    r"(" + "|".join(r"[\W_]*".join(word) for word in _ROLES) + r")[\W_]*?[:：﹕꞉∶]",
+    re.IGNORECASE)
+_REGION_QUESTION = re.compile(
+    r"\b(where|which\s+(part|area|region|side|corner|object)|locate|point\s+(to|at|out)|"
+    r"show\s+me)\b", re.IGNORECASE)
+REGION_FORMATS = {
+    "padded": "[x1, y1, x2, y2] with fractions from 0 to 1 of the image's width and height",
+    "per_mille": "[[x1, y1, x2, y2]] with integers from 0 to 1000 of the image's width and "
+                 "height",
+    "pixels": "[[x1, y1, x2, y2]] in pixels of the {size}x{size} image",
+}
 _CITATION = re.compile(r"\[\s*(\d{1,9}(?:\s*,\s*\d{1,9})*)\s*\]")
-_MISSING_TILE = (128, 128, 128)
-_BACKGROUND = (0, 0, 0)
 
 
-def sanitize(text: object) -> str:
-    """Untrusted text → one line that cannot open or close a tag nor claim an image.
+def neutralise_roles(text: str) -> str:
+    """``ASSISTANT:`` (any case, spacing, full-width letters) → ``assistant -``: no retrieved
+    text can open a conversation turn of a plain-text chat format."""
+    return _ROLE_MARKER.sub(lambda m: re.sub(r"[\W_]", "", m.group(1)).lower() + " -", text)
+
+
+def strip_special(text: str, special_tokens: tuple[str, ...] = ()) -> str:
+    """Replace the tokenizer's special tokens by spaces (repeatedly, in case one re-forms), so
+    none reaches the model and the words around them stay apart."""
+    tokens = [t for t in special_tokens if t]
+    while tokens and any(t in text for t in tokens):
+        for token in tokens:
+            text = text.replace(token, " ")
+    return text
+
+
+def sanitize(text: object, special_tokens: tuple[str, ...] = ()) -> str:
+    """Untrusted text → one line that cannot open or close a tag, claim an image, open a chat
+    turn or smuggle one of the tokenizer's ``special_tokens``.
 
     ``<image>`` is removed outright (the engine would count it as an image); any other ``<``/``>``
     becomes ``‹``/``›`` so no delimiter can be formed, however it is split or nested.
     """
     out = []
-    for ch in _IMAGE_TOKEN.sub("", str(text)):
+    text = unicodedata.normalize("NFKC", strip_special(str(text), special_tokens))
+    for ch in _IMAGE_TOKEN.sub("", text):
         cat = unicodedata.category(ch)
         if cat in ("Cc", "Zl", "Zp"):
             out.append(" ")  # newlines, tabs, NUL, ESC …: one prompt line per item
         elif cat not in ("Cf", "Cs", "Co"):  # bidi overrides, zero-width, surrogates
             out.append(ch)
     text = "".join(out).replace("<", "‹").replace(">", "›")  # also kills a re-formed <image>
+    text = strip_special(neutralise_roles(" ".join(text.split())), special_tokens)
     return " ".join(text.split())
 
 
-def _data(text: object) -> str:
+def _data(text: object, special_tokens: tuple[str, ...] = ()) -> str:
     """Retrieved text: sanitised, and ``[n]`` look-alikes made ``(n)`` so none fakes an item."""
-    return sanitize(text).replace("[", "(").replace("]", ")")
+    return sanitize(text, special_tokens).replace("[", "(").replace("]", ")")
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -79,17 +106,19 @@ def _number(value: object) -> float | None:
     return None
 
 
-def _hit_line(n: int, hit: dict, max_caption_chars: int) -> str:
+def _hit_line(n: int, hit: dict, max_caption_chars: int, special: tuple[str, ...] = ()) -> str:
     """``[n] city: …; scores: safer 5.1, …; caption: …`` with None/NaN fields left out."""
     parts = []
     if hit.get("city"):
-        parts.append(f"city: {_truncate(_data(hit['city']), 80)}")
+        parts.append(f"city: {_truncate(_data(hit['city'], special), 80)}")
     scores = [(c.replace("_", " "), _number(hit.get(c))) for c in SCORE_COLUMNS]
     scores = [f"{name} {value:.1f}" for name, value in scores if value is not None]
     if scores:
         parts.append("scores: " + ", ".join(scores))
-    caption = _data(hit["caption"]) if hit.get("caption") else ""
+    caption = hit.get("caption") or ""
     if caption and max_caption_chars > 0:
+        # cut before sanitising too: a 1 MB caption costs no more than its first few lines
+        caption = _data(str(caption)[: 4 * max_caption_chars + 64], special)
         parts.append(f"caption: {_truncate(caption, max_caption_chars)}")
     return f"[{n}] " + ("; ".join(parts) or "(no metadata)")
 
@@ -99,17 +128,22 @@ def _hit_numbers(hits: list[dict]) -> list[int]:
     return [h["rank"] if isinstance(h.get("rank"), int) else i for i, h in enumerate(hits, 1)]
 
 
-def context_block(hits: list[dict], max_caption_chars: int = 400,
-                  max_context_chars: int = 6000) -> str:
-    """The delimited context; its body (between the tags) is at most ``max_context_chars``.
+def context_items(hits: list[dict], max_caption_chars: int = 400, max_context_chars: int = 6000,
+                  keep: int | None = None,
+                  special_tokens: tuple[str, ...] = ()) -> tuple[str, int]:
+    """(the delimited context, how many items it holds).
 
-    Items are kept in rank order; one that does not fit loses its caption first, and when even
-    that does not fit the rest are dropped with a note, so the best hits always survive.
+    Only the first ``keep`` hits (None = all) are candidates, the others are noted as omitted
+    (the token budget decides ``keep``, see ``tasks.query.budget``).  The body between the tags
+    is at most ``max_context_chars``: an item that does not fit loses its caption first, and
+    when even that does not fit the rest are dropped with a note, so the best hits survive.
     """
     lines: list[str] = []
-    numbers_ = _hit_numbers(hits)
-    for idx, (n, hit) in enumerate(zip(numbers_, hits, strict=True)):
-        for line in (_hit_line(n, hit, max_caption_chars), _hit_line(n, hit, 0)):
+    keep = len(hits) if keep is None else max(0, min(keep, len(hits)))
+    numbers_ = _hit_numbers(hits)[:keep]
+    for idx, (n, hit) in enumerate(zip(numbers_, hits[:keep], strict=True)):
+        for line in (_hit_line(n, hit, max_caption_chars, special_tokens),
+                     _hit_line(n, hit, 0, special_tokens)):
             if len("\n".join([*lines, line])) <= max_context_chars:
                 lines.append(line)
                 break
@@ -119,9 +153,21 @@ def context_block(hits: list[dict], max_caption_chars: int = 400,
                 lines.pop()
                 omitted += 1
             lines.append(_omitted(omitted))
-            break
+            return _wrap("\n".join(lines)), len(hits) - omitted
+    if keep < len(hits):
+        lines.append(_omitted(len(hits) - keep))
     body = "\n".join(lines) if hits else "(no items were retrieved)"
+    return _wrap(body), keep
+
+
+def _wrap(body: str) -> str:
     return f"{CONTEXT_OPEN}\n{body}\n{CONTEXT_CLOSE}"
+
+
+def context_block(hits: list[dict], max_caption_chars: int = 400,
+                  max_context_chars: int = 6000) -> str:
+    """The delimited context of every hit (see ``context_items``)."""
+    return context_items(hits, max_caption_chars, max_context_chars)[0]
 
 
 def _omitted(n: int) -> str:
@@ -145,78 +191,39 @@ def image_sentence(n_hits: int, has_query_image: bool) -> str:
     return text
 
 
+def asks_for_region(question: str | None) -> bool:
+    """Does the question ask where something is, or which part of a photo?"""
+    return bool(question and _REGION_QUESTION.search(question))
+
+
+def region_request(convention: str, size: int = 336) -> str:
+    """The sentence asking for a box in the model's own coordinate convention."""
+    return ("If the answer is a place in a photo, give its region as "
+            + REGION_FORMATS[convention].format(size=size) + " (left, top, right, bottom).")
+
+
+def compose_prompt(question: str | None, hits: list[dict], *, has_query_image: bool,
+                   max_caption_chars: int = 400, max_context_chars: int = 6000,
+                   keep: int | None = None, special_tokens: tuple[str, ...] = (),
+                   box_convention: str | None = None, grid_size: int = 336) -> tuple[str, int]:
+    """(the inner prompt text, context items it holds); the engine adds ``USER: <image>\\n …
+    ASSISTANT:``.  With a ``box_convention``, a question asking where gets a region request."""
+    q = sanitize(question, special_tokens) if question else ""
+    context, n_items = context_items(hits, max_caption_chars, max_context_chars, keep,
+                                     special_tokens)
+    region = (region_request(box_convention, grid_size)
+              if box_convention and (has_query_image or hits) and asks_for_region(q) else "")
+    parts = [INSTRUCTION, context, image_sentence(len(hits), has_query_image),
+             f"Question: {q or DEFAULT_QUESTION}", region]
+    return "\n".join(p for p in parts if p), n_items
+
+
 def build_prompt(question: str | None, hits: list[dict], *, has_query_image: bool,
                  max_caption_chars: int = 400, max_context_chars: int = 6000) -> str:
-    """The inner prompt text (the engine adds ``USER: <image>\\n … ASSISTANT:``)."""
-    q = sanitize(question) if question else ""
-    parts = [
-        INSTRUCTION,
-        context_block(hits, max_caption_chars, max_context_chars),
-        image_sentence(len(hits), has_query_image),
-        f"Question: {q or DEFAULT_QUESTION}",
-    ]
-    return "\n".join(p for p in parts if p)
-
-
-def load_thumbnail(uri: str, size: int, max_pixels: int = 64_000_000,
-                   storage: StorageConfig | None = None) -> Image.Image | None:
-    """An RGB image fitting in ``size``×``size`` (aspect kept), or None on any failure.
-
-    A missing photo must only grey out its tile, never fail the query, hence no exceptions.
-    Same guards as ingest: pixel limit checked before decoding, PIL's bomb warning as error.
-    """
-    try:
-        im = open_rgb(read_bytes(uri, storage), size, max_pixels)[0]
-        im.thumbnail((size, size), Image.Resampling.BICUBIC)
-        return im
-    except Exception:  # noqa: BLE001 - any unreadable input becomes a grey tile
-        return None
-
-
-def _label_font(tile: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's bundled font (no files, no network), scaled to the tile when FreeType exists."""
-    try:
-        return ImageFont.load_default(size=max(10, tile // 7))
-    except (ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def _tile(image: Image.Image | None, label: str, tile: int) -> Image.Image:
-    """One tile: the photo fitted and centred (or grey when missing), its label top-left."""
-    canvas = Image.new("RGB", (tile, tile), _MISSING_TILE if image is None else _BACKGROUND)
-    if image is not None:
-        fitted = ImageOps.contain(to_rgb(image), (tile, tile), Image.Resampling.BICUBIC)
-        canvas.paste(fitted, ((tile - fitted.width) // 2, (tile - fitted.height) // 2))
-    draw = ImageDraw.Draw(canvas)
-    font = _label_font(tile)
-    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-    pad = max(2, tile // 40)
-    draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(255, 255, 255))
-    draw.text((pad - left, pad - top), label, fill=(0, 0, 0), font=font)
-    return canvas
-
-
-def build_grid(images: list[Image.Image | None], labels: list[str],
-               size: int = 336) -> Image.Image:
-    """``size``×``size`` RGB: one image letterboxed, or 2–4 in a 2×2 grid (unused tiles black).
-
-    Square on purpose: LLaVA-1.5's processor centre-crops, which would cut tiles off a
-    non-square grid.  Pure function of its inputs, so identical inputs give identical pixels.
-    """
-    if not 1 <= len(images) <= MAX_GRID:
-        raise ValueError(f"build_grid takes 1..{MAX_GRID} images, got {len(images)}")
-    if len(labels) != len(images):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if len(images) == 1:
-        return _tile(images[0], labels[0], size)
-    tile = size // 2
-    grid = Image.new("RGB", (size, size), _BACKGROUND)
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        grid.paste(_tile(image, label, tile), ((i % 2) * tile, (i // 2) * tile))
-    draw = ImageDraw.Draw(grid)  # thin separators so adjacent photos do not merge
-    draw.line((tile - 1, 0, tile - 1, size), fill=(255, 255, 255), width=2)
-    draw.line((0, tile - 1, size, tile - 1), fill=(255, 255, 255), width=2)
-    return grid
+    """The inner prompt text of every hit (see ``compose_prompt``)."""
+    return compose_prompt(question, hits, has_query_image=has_query_image,
+                          max_caption_chars=max_caption_chars,
+                          max_context_chars=max_context_chars)[0]
 
 
 def parse_citations(answer: str | None, n_context: int) -> tuple[list[int], list[int]]:

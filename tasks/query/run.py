@@ -1,7 +1,9 @@
 """Query-flow core: plan → retrieved hits (Parquet) → prompts + grids → engine → answer rows.
 
 Plain functions; ``flows/query.py`` wires them.  Every query produces exactly one answer row:
-a bad row, a failed search or a failed generation is recorded in ``error``/``error_stage``.
+a bad row, a failed search, a question too long for the model or a failed generation is
+recorded in ``error``/``error_stage``.  Prompts and answers are made on Ray
+(``tasks.query.generate``); boxes and citations are read back here.
 """
 
 from __future__ import annotations
@@ -14,30 +16,37 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas.answers import RETRIEVED_TYPE
 from schemas.queries import BOUND_COLUMNS
 from tasks.io import atomic
 from tasks.io.objstore import StorageConfig
-from tasks.models.clip import ClipSpec, load_clip, model_shape
-from tasks.models.engines import Engine, GenRequest
+from tasks.models.clip import ClipSpec, model_shape
+from tasks.models.engines import EngineConfig
 from tasks.query.boxes import Tile, parse_boxes
-from tasks.query.prompts import MAX_GRID, build_grid, build_prompt, load_thumbnail, parse_citations
-from tasks.query.retrieve import embed_queries, pin_images, search_all
+from tasks.query.embed import RayEmbed, embed_plan
+from tasks.query.generate import GenerateOptions, generate
+from tasks.query.grid import GRID_SIZE
+from tasks.query.prompts import parse_citations
+from tasks.query.retrieve import pin_images, search_all
 
 log = logging.getLogger(__name__)
-GRID_SIZE = 336
+__all__ = ["GRID_SIZE", "respond", "retrieve", "summary"]
 
 
 def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_pixels: int,
              search_opts: dict | None = None, suffix: str | None = None,
-             storage: StorageConfig | None = None) -> dict:
-    """Embed and search every good query at one pinned version; write hits next to the plan."""
+             storage: StorageConfig | None = None, ray_embed: RayEmbed | None = None) -> dict:
+    """Embed and search every good query at one pinned version; write hits next to the plan.
+
+    Large plans are embedded in Ray (``ray_embed``); the CLIP model is released either way
+    before this returns, so the generation engine starts on a GPU without it."""
     plan = pl.read_parquet(plan_path)
     pinned = pin_images(db_uri, model_shape(spec)[0], spec.label, suffix=suffix, storage=storage)
-    clip = load_clip(spec)
     start = time.perf_counter()
-    vectors, errors = embed_queries(plan, clip, max_pixels)
+    vectors, errors = embed_plan(plan, spec, max_pixels, ray_embed)
     embed_ms = (time.perf_counter() - start) * 1000 / max(plan.height, 1)
     timings: dict[int, float] = {}
     hits = search_all(pinned, plan, vectors, errors, search_opts, timings)
@@ -59,45 +68,19 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
             "retrieve_errors": len(errors), "table_version": pinned.version}
 
 
-def _request(row: dict, max_pixels: int,
-             storage: StorageConfig | None = None) -> tuple[GenRequest, list[Tile]]:
-    """Prompt text plus one grid image (query photo first, then the best hits).
-
-    The query image is a local file; hits may live on object storage (``storage``).  The tiles
-    say which photo sits where, so boxes in the answer can be mapped back to their photo."""
-    hits = row["retrieved"] or []
-    query_img = load_thumbnail(row["image_path"], GRID_SIZE, max_pixels) \
-        if row["image_path"] else None
-    shown = hits[: MAX_GRID - (1 if query_img else 0)]
-    images = ([query_img] if query_img else []) + [
-        load_thumbnail(h["source_uri"], GRID_SIZE, max_pixels, storage) for h in shown]
-    labels = (["Q"] if query_img else []) + [str(h["rank"]) for h in shown]
-    who = ([(None, None)] if query_img else []) + [(h["image_id"], h["rank"]) for h in shown]
-    tiles = [Tile(i, r, *(im.size if im else (None, None)))
-             for (i, r), im in zip(who, images, strict=True)]
-    prompt = build_prompt(row["text"], hits, has_query_image=query_img is not None)
-    grid = build_grid(images, labels, GRID_SIZE) if images else None
-    return GenRequest(prompt, grid), tiles
-
-
-def respond(retrieved_path: Path, engine: Engine, engine_name: str, vlm_model: str,
-            run_id: str, max_pixels: int, batch_size: int = 8, progress=None,
+def respond(retrieved_path: Path, engine: EngineConfig, vlm_model: str, run_id: str,
+            options: GenerateOptions, progress=None,
             storage: StorageConfig | None = None) -> list[dict]:
-    """One answer row per query, generated in batches; rows with errors skip the engine."""
-    rows = pl.read_parquet(retrieved_path).to_dicts()
-    out = [_answer_row(r, run_id, engine_name, vlm_model) for r in rows]
-    todo = [i for i, r in enumerate(rows) if r["error"] is None]
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
-        began = time.perf_counter()
-        built = [_request(rows[i], max_pixels, storage) for i in idx]
-        results = engine.generate([b[0] for b in built])
-        ms = (time.perf_counter() - began) * 1000 / len(idx)
-        for i, (req, tiles), res in zip(idx, built, results, strict=True):
-            _fill(out[i], req, tiles, res, len(rows[i]["retrieved"] or []))
-            out[i]["generation_ms"] = ms
-        if progress:
-            progress(len(idx))
+    """One answer row per query; rows with errors skip the prompt and the engine, the others
+    go through the Ray generation pipeline (``tasks.query.generate``)."""
+    table = pq.read_table(retrieved_path)
+    rows = pl.from_arrow(table).to_dicts()
+    out = [_answer_row(r, run_id, engine.name, vlm_model) for r in rows]
+    todo = table.append_column("_i", pa.array(range(table.num_rows), pa.int64())).filter(
+        pc.is_null(table["error"]))
+    for result in generate(todo, engine, options, storage, progress):
+        i = result["_i"]
+        _fill(out[i], result, len(rows[i]["retrieved"] or []), engine.box_convention)
     return out
 
 
@@ -115,15 +98,22 @@ def _answer_row(r: dict, run_id: str, engine: str, vlm_model: str) -> dict:
     }
 
 
-def _fill(row: dict, req: GenRequest, tiles: list[Tile], res, n_context: int) -> None:
-    answer, boxes = parse_boxes(res.text, tiles, GRID_SIZE)
+def _fill(row: dict, res: dict, n_context: int, convention: str = "padded") -> None:
+    """Put one generation result (``tasks.query.generate`` columns) into its answer row."""
+    tiles = [Tile(**t) for t in json.loads(res.get("tiles") or "[]")]
+    answer, boxes = parse_boxes(res.get("text"), tiles, GRID_SIZE, convention)
     valid, _ = parse_citations(answer, n_context)
-    row.update(prompt=req.prompt, prompt_images=[t.image_id for t in tiles if t.rank is not None],
-               answer=answer, raw_answer=res.text, boxes=boxes, citations=valid,
-               n_prompt_tokens=res.n_prompt_tokens, n_generated_tokens=res.n_generated_tokens,
-               created_at=datetime.now(UTC))
-    if res.error:
-        row.update(error=res.error, error_stage="generate")
+    row.update(prompt=res.get("prompt"),
+               prompt_images=[t.image_id for t in tiles if t.rank is not None],
+               answer=answer, raw_answer=res.get("text"), boxes=boxes, citations=valid,
+               n_prompt_tokens=res.get("n_prompt_tokens"),
+               n_generated_tokens=res.get("n_generated_tokens"),
+               n_context_dropped=res.get("n_context_dropped"),
+               prompt_token_budget=res.get("token_budget"),
+               generation_ms=res.get("generation_ms"), created_at=datetime.now(UTC))
+    error = res.get("error") or res.get("gen_error")
+    if error:
+        row.update(error=error, error_stage="generate")
 
 
 def summary(rows: list[dict]) -> dict:

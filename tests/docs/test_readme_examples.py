@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from report_fixtures import build_db, run_rows, write_v1
 
+from schemas.answers import SCHEMA_VERSION
+
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 PAGE = ROOT / "docs" / "reference" / "outputs.md"
 EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```(python|sql)\n(.*?)```", re.DOTALL)
@@ -24,7 +26,7 @@ def examples() -> list[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """data/lancedb and data/out as the page names them: two runs (schema 1 and 2) that
+    """data/lancedb and data/out as the page names them: two runs (schema 1 and current) that
     searched version v of ``images``, then a later ingest of three more images."""
     import lancedb
 
@@ -125,5 +127,5 @@ def test_time_travel_to_the_version_a_run_searched(results, outputs):
 
 def test_schema_versions_from_the_file_metadata(results):
     frame = results["duckdb_schema_versions"]
-    assert list(zip(frame["run_id"], frame["schema_version"], strict=True)) == [("old", "1"),
-                                                                              ("r1", "2")]
+    assert list(zip(frame["run_id"], frame["schema_version"], strict=True)) == [
+        ("old", "1"), ("r1", SCHEMA_VERSION)]  # r1 is written now: the current version

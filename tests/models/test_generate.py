@@ -6,8 +6,6 @@ import hashlib
 import importlib.util
 import io
 import os
-import sys
-import types
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -22,8 +20,11 @@ from tasks.models.engines import (
     GenRequest,
     GenResult,
     NoneEngine,
+    box_convention_for,
     format_prompt,
     make_engine,
+    model_limits,
+    request_seed,
 )
 from tasks.models.hf_llava import TransformersEngine
 from tasks.models.tiny_llava import BUILD_NAME, IMAGE_SIZE, PATCH_SIZE, ensure_tiny_llava
@@ -201,46 +202,61 @@ def test_vllm_inputs_follow_llava15_format():
     assert text_only == {"prompt": "USER: Why? ASSISTANT:"}
 
 
-class _Recorder:
-    """Stands in for the ``vllm`` package to capture what the engine would send to it."""
+def test_sampling_is_explicit_and_seeded_per_request(tiny_llava):
+    """temperature, top_p and top_k reach generate() explicitly (the checkpoint's own top_k=50
+    would otherwise apply); each request samples under its own seed, so its answer does not
+    depend on its batch mates."""
+    from tasks.models.hf_llava import generation_kwargs
 
-    def __init__(self):
-        self.calls: list = []
-        rec = self
-
-        class LLM:
-            def __init__(self, **kwargs):
-                rec.calls.append(("LLM", kwargs))
-
-            def generate(self, inputs, params, use_tqdm=True):
-                rec.calls.append(("generate", inputs, params))
-                out = types.SimpleNamespace(text=" ok ", token_ids=[1, 2])
-                return [types.SimpleNamespace(outputs=[out], prompt_token_ids=[0] * 5)
-                        for _ in inputs]
-
-        class SamplingParams:
-            def __init__(self, **kwargs):
-                self.kwargs = kwargs
-
-        self.module = types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams)
+    config = EngineConfig("transformers", str(tiny_llava), max_new_tokens=6, temperature=1.0,
+                          top_p=0.95, top_k=0, batch_size=4)
+    kwargs = generation_kwargs(config, 3)
+    assert kwargs == {"max_new_tokens": 6, "do_sample": True, "pad_token_id": 3,
+                      "temperature": 1.0, "top_p": 0.95, "top_k": 0}
+    assert generation_kwargs(EngineConfig(temperature=0.0), 3) == {
+        "max_new_tokens": 128, "do_sample": False, "pad_token_id": 3}
+    engine = make_engine(config)
+    requests = [GenRequest(r.prompt, r.image, seed=request_seed(7, i))
+                for i, r in enumerate(_requests())]
+    together = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    shuffled = engine.generate(requests[::-1])[::-1]
+    assert together == alone == shuffled
+    reseeded = engine.generate([GenRequest(r.prompt, r.image, seed=request_seed(8, i))
+                                for i, r in enumerate(_requests())])
+    assert [r.text for r in reseeded] != [r.text for r in together]
 
 
-def test_vllm_request_building(monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setitem(sys.modules, "vllm", rec.module)
-    engine = make_engine(EngineConfig("vllm", "llava-hf/llava-1.5-7b-hf", max_new_tokens=32, seed=3,
-                         batch_size=2))
-    image = Image.new("RGB", (336, 336))
-    results = engine.generate([GenRequest("Is it safe?", image), GenRequest("Why?", None),
-                               GenRequest("And here?", image)])
-    assert rec.calls[0] == ("LLM", {"model": "llava-hf/llava-1.5-7b-hf",
-                                    "limit_mm_per_prompt": {"image": 1}, "seed": 3,
-                                    "dtype": "auto"})
-    batches = [c for c in rec.calls if c[0] == "generate"]
-    assert [len(b[1]) for b in batches] == [2, 1]
-    first = batches[0][1][0]
-    assert first["prompt"] == "USER: <image>\nIs it safe? ASSISTANT:"
-    assert first["multi_modal_data"]["image"] is image
-    assert batches[0][1][1] == {"prompt": "USER: Why? ASSISTANT:"}
-    assert batches[0][2].kwargs == {"temperature": 0.0, "max_tokens": 32, "seed": 3}
-    assert [r.text for r in results] == ["ok"] * 3 and results[0].n_prompt_tokens == 5
+def test_request_seed_is_run_seed_plus_position():
+    assert [request_seed(10, i) for i in range(3)] == [10, 11, 12]
+    assert 0 <= request_seed(2**31 - 1, 5) < 2**31
+
+
+def test_model_limits_come_from_the_checkpoint(tiny_llava):
+    assert model_limits(str(tiny_llava)) == (4096, IMAGE_TOKENS)
+
+
+def test_prompt_past_the_context_fails_alone(tiny_llava):
+    """The transformers engine refuses a prompt that would run past the model's context (its
+    attention memory grows with the square of the length) instead of running it."""
+    engine = make_engine(EngineConfig("transformers", str(tiny_llava), max_new_tokens=4,
+                                      max_model_len=64, batch_size=3))
+    long = GenRequest("street " * 200, None)
+    ok, bad, ok2 = engine.generate([_requests()[2], long, _requests()[2]])
+    assert ok.error is None and ok2.error is None and ok == ok2
+    assert bad.text is None and "exceeds the model's context of 64 tokens" in bad.error
+
+
+@pytest.mark.parametrize("model, setting, expected", [
+    ("llava-hf/llava-1.5-7b-hf", "auto", "padded"),
+    ("/models/tiny-llava-v1", "auto", "padded"),
+    ("Qwen/Qwen2-VL-7B-Instruct", "auto", "per_mille"),
+    ("llava-hf/llava-1.5-7b-hf", "pixels", "pixels"),
+])
+def test_box_convention_default_follows_the_model(model, setting, expected):
+    assert box_convention_for(model, setting) == expected
+
+
+def test_unknown_box_convention_is_refused():
+    with pytest.raises(ValueError, match="choose one of: auto, padded, per_mille, pixels"):
+        box_convention_for("m", "inches")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import lancedb
 import polars as pl
@@ -103,8 +104,9 @@ def test_engine_none_rerun_replaces_and_version_is_pinned(world):
     assert table.count_rows() == 24
 
 
-def test_query_with_a_lora_adapter_records_it(world, tmp_path):
+def test_query_with_a_lora_adapter_records_it(world, tmp_path, monkeypatch):
     """A LoRA adapter from mmrag finetune is applied by the transformers engine of the flow."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "adapt"))
     from test_finetune import _write_dataset
     from transformers import AutoProcessor
 
@@ -133,3 +135,25 @@ def test_query_with_a_lora_adapter_records_it(world, tmp_path):
         query_flow.fn(_queries(base, [{"query_id": "t", "text": "a street"}], "b.jsonl"),
                       settings.model_copy(update={"vlm_adapter": str(broken)}), "run-broken",
                       "2026-01-04")
+
+
+def test_two_replicas_write_the_same_answers_as_one(world):
+    """The generate stage on the local Ray: 1 or 2 engine replicas, byte-identical answers."""
+    base, _, settings, _ = world
+    questions = ["a street with trees", "where is the car?", "is it safe here?",
+                 "a tall building", "which part looks busy?"]
+    q = _queries(base, [{"query_id": f"r{i}", "text": t, "top_k": 3}
+                        for i, t in enumerate(questions)], "replicas.jsonl")
+    runs = {}
+    for replicas in (1, 2):
+        tuned = settings.model_copy(update={"gen_replicas": replicas, "gen_replica_cpus": 0.5,
+                                            "gen_batch_size": 2})
+        query_flow.fn(q, tuned, f"rep-{replicas}", "2026-01-05")
+        runs[replicas] = _answers(tuned, f"rep-{replicas}").sort("query_id")
+    one, two = runs[1], runs[2]
+    assert one["error"].null_count() == len(questions) and one["answer"].null_count() == 0
+    for column in ("raw_answer", "answer", "prompt", "n_prompt_tokens", "n_generated_tokens",
+                   "n_context_dropped", "prompt_token_budget", "citations"):
+        assert one[column].to_list() == two[column].to_list(), column
+    assert (one["n_prompt_tokens"] <= one["prompt_token_budget"]).all()
+    assert one["prompt_token_budget"].unique().to_list() == [4096 - settings.max_new_tokens]
