@@ -107,21 +107,17 @@ def test_engine_none_rerun_replaces_and_version_is_pinned(world):
 def test_query_with_a_lora_adapter_records_it(world, tmp_path, monkeypatch):
     """A LoRA adapter from mmrag finetune is applied by the transformers engine of the flow."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "adapt"))
-    from test_finetune import _write_dataset
-    from transformers import AutoProcessor
+    from finetune_fixtures import write_dataset
 
-    from tasks.adapt.export import load_split
-    from tasks.adapt.finetune import FinetuneConfig, build_model, resolve_base, save, train
+    from tasks.adapt.finetune import FinetuneConfig, finetune, resolve_base
 
     base, _, settings, _ = world
     model_dir = resolve_base("tiny", settings.cache_dir)
-    data = _write_dataset(tmp_path / "ds")
-    cfg = FinetuneConfig(base=model_dir, rank=4, alpha=8, max_steps=2, batch_size=2)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = build_model(cfg, model_dir, "cpu")
-    train(model, load_split(data, "train"), processor, data / "images", cfg, "cpu",
-          lambda *_: None)
-    adapter = str(save(model, processor, tmp_path / "adapter"))
+    cfg = FinetuneConfig(base=model_dir, rank=4, alpha=8, max_steps=2, batch_size=2,
+                         grad_accum=1, warmup_steps=0, save_steps=None, eval_steps=None)
+    summary = finetune(write_dataset(tmp_path / "ds"), tmp_path / "ft", cfg, settings.cache_dir,
+                       device="cpu")
+    adapter = str(summary["adapter"])
     tuned = settings.model_copy(update={"vlm_adapter": adapter})
     summary = query_flow.fn(_queries(base, [{"query_id": "t", "text": "a street"}], "a.jsonl"),
                             tuned, "run-lora", "2026-01-04")
