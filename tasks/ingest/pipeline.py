@@ -8,14 +8,13 @@ dropped.  Only paths and small metadata go in; vectors come out, pixels never le
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.io.cluster import BATCH_RETRIES  # the retry cap shared with the query pipelines
+from tasks.io.cluster import BATCH_RETRIES, quiet_ray_data
 from tasks.io.images import decode_batch
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, load_clip
@@ -64,7 +63,7 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
 
     if todo.num_rows == 0:
         return
-    _quiet_ray_data()
+    quiet_ray_data()
     # no more CLIP actors than model batches: each actor pays a model load at start-up
     actors = max(1, min(actors, -(-todo.num_rows // batch_size)))
     decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // actors)))
@@ -93,22 +92,6 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
             f"actor died on the same batch {BATCH_RETRIES + 1} times (out of memory, or an "
             "input that crashes it?). Committed rows are kept: fix the cause and re-run"
         ) from e
-
-
-def _quiet_ray_data() -> None:
-    """Our own progress reporting replaces Ray Data's per-operator logs and bars."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.execution_options.verbose_progress = False
-    for name in ("ray.data", "ray.data._internal"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # it only announces that the bars are off, which we just asked for
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    # the retry caps have no named parameter in Ray 2.60 yet; the notice is not the user's to act on
-    warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
 
 
 def _threads(actor_cpus: float) -> int:
