@@ -102,6 +102,7 @@ def test_killed_run_resumes_to_the_same_adapter(dataset, tmp_path, cache_dir):
     _check_resume(dataset, tmp_path, str(cache_dir), [sys.executable], 1)
 
 
+@pytest.mark.extended  # ~60 s on 2 cores; the single-process resume test runs by default
 def test_killed_torchrun_resumes_to_the_same_adapter(dataset, tmp_path, cache_dir):
     """Two DDP processes on CPU (gloo): what several GPUs run, with RNG state per rank."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))

@@ -88,6 +88,7 @@ class PidGenerator(gen.Generator):
         return super().__call__(batch)
 
 
+@pytest.mark.extended  # ~35 s; the query-flow version (tests/query) runs by default
 def test_greedy_answers_are_identical_for_one_and_two_replicas(tiny, photos, shipped,
                                                                 monkeypatch):
     monkeypatch.setattr(gen, "Generator", PidGenerator)

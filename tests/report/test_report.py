@@ -156,7 +156,9 @@ def test_run_summary_counts(reports, inputs):
     answered = sum(1 for a in answers if (a.get("answer") or "").strip())
     assert f"<td>answered</td><td>{answered}</td>" in html
     assert "<td>errors by stage</td><td>query=1</td>" in html
-    assert "<td>schema version</td><td>2</td>" in html
+    from schemas.answers import SCHEMA_VERSION
+
+    assert f"<td>schema version</td><td>{SCHEMA_VERSION}</td>" in html
     assert "3 drawn, 2 not drawn (no such image or no thumbnail)" in html
     old = reports["old"].read_text()
     assert "<td>schema version</td><td>1</td>" in old
