@@ -1,4 +1,4 @@
-"""A throw-away ``ray start --head`` cluster for tests (the ingest cluster test's recipe).
+"""A throw-away ``ray start --head`` cluster for the ingest and query cluster tests.
 
 Everything Ray runs in subprocesses: the test never calls ``ray.init`` (the session's local
 Ray may already live in the test process).  The head runs in its own session id, and teardown
