@@ -108,6 +108,7 @@ def test_greedy_answers_are_identical_for_one_and_two_replicas(tiny, photos, shi
     assert "fractions from 0 to 1" in one[1]["prompt"]  # "Where …?" asks for a region
 
 
+@pytest.mark.extended  # ~35 s; tests/models/test_generate.py checks per-request seeds by default
 def test_sampled_answers_do_not_depend_on_batch_or_replica(tiny, photos, ray_session):
     rows = _rows(photos, QUESTIONS)
     engine = EngineConfig("transformers", tiny, max_new_tokens=8, temperature=1.0, seed=11)
