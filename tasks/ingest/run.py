@@ -50,7 +50,6 @@ from tasks.models.clip import ClipSpec
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class IngestCounts:
     seen: int = 0
