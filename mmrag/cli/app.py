@@ -8,6 +8,7 @@ invocation (a CLI run, a test's ``CliRunner``) starts from its own options.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Annotated, NoReturn
 
 import typer
@@ -71,12 +72,20 @@ def prefect_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def run_flow(work_dir: str, flow_, *args, **kwargs):
+def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None, **kwargs):
     """Run a flow with quiet terminal output (full logs in a file under ``work_dir/logs``); a
-    Prefect server that cannot start is a one-line fatal error, not a traceback."""
+    Prefect server that cannot start is a one-line fatal error, not a traceback.
+
+    ``warm`` (the command's own start-up, e.g. starting Ray) runs while Prefect's temporary
+    server starts, not after it."""
+    from mmrag.cli.startup import prefect_server_in_background
+
     prefect_defaults()
     with output.quiet(work_dir, flow_.name):
         try:
+            with prefect_server_in_background():
+                if warm:
+                    warm()
             return flow_(*args, **kwargs)
         except RuntimeError as e:
             if "server" in str(e).lower() and "prefect" in str(e).lower():

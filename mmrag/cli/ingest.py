@@ -50,7 +50,7 @@ def ingest(
     """Embed the new images under SOURCE into LanceDB and apply what changed (metadata, deleted
     and moved files): incremental, idempotent."""
     settings = settings_from(ctx)
-    from flows.ingest import ingest_flow
+    from flows.ingest import ingest_flow, warm_up
     from tasks.ingest.changes import DeletionRefused
     from tasks.ingest.discover import SourceError
     from tasks.ingest.pipeline import PipelineError
@@ -58,7 +58,8 @@ def ingest(
 
     try:
         preflight(source, settings)
-        summary = run_flow(settings.work_dir, ingest_flow, source, settings, allow_deletes)
+        summary = run_flow(settings.work_dir, ingest_flow, source, settings, allow_deletes,
+                           warm=lambda: warm_up(source, settings))
     except (SourceError, StoreError, PipelineError, DeletionRefused) as e:
         fatal(str(e))
     print_summary(summary)

@@ -113,6 +113,25 @@ def meta_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.stem + ".meta.parquet")
 
 
+def has_new_files(source: str, db_uri: str, spec: ClipSpec, dim: int,
+                  suffix: str | None = None, storage: StorageConfig | None = None) -> bool:
+    """Whether SOURCE holds a file the ledger does not know as it is (new, or its bytes
+    changed): the cheap question a command asks before starting workers it may not need.
+    Moved files count as new here (only planning tells them apart); nothing is written."""
+    listing = list_dump(source, storage)
+    lazy = store.ledger(store.open_tables(db_uri, dim, spec.label, suffix, storage).files)
+    return (_new_listed(listing, _known(lazy)) if lazy is not None else listing.num_rows) > 0
+
+
+def _known(lazy: pl.LazyFrame) -> pl.DataFrame:
+    return live_rows(lazy.select(*KEYS, "status")).collect()
+
+
+def _new_listed(listing: pa.Table, known: pl.DataFrame) -> int:
+    """Listed files with no live ledger row of the same (uri, size, mtime)."""
+    return pl.from_arrow(listing.select(KEYS)).join(known, on=KEYS, how="anti").height
+
+
 def _unchanged(listing: pa.Table, tables: store.Tables, uri_root: str,
                stat: tuple | None) -> bool:
     """The no-op fast path: no new, changed or vanished file, the metadata file as last applied
@@ -120,12 +139,12 @@ def _unchanged(listing: pa.Table, tables: store.Tables, uri_root: str,
     lazy = store.ledger(tables.files)
     if lazy is None:
         return listing.num_rows == 0
-    known = live_rows(lazy.select(*KEYS, "status")).collect()
-    listed = pl.from_arrow(listing.select(KEYS))
-    if listed.join(known, on=KEYS, how="anti").height:
+    known = _known(lazy)
+    if _new_listed(listing, known):
         return False
     mine = known.filter(in_dump(uri_root))
-    if mine.join(listed, on="source_uri", how="anti").height:
+    if mine.join(pl.from_arrow(listing.select("source_uri")), on="source_uri",
+                 how="anti").height:
         return False
     state = store.source_state(tables.sources, uri_root)
     if state is None:
