@@ -219,7 +219,8 @@ def _nearest(table, matrix: np.ndarray, k: int, opts: dict, exact: bool) -> list
     out: list[list[str]] = []
     for start in range(0, len(matrix), 256):
         block = matrix[start : start + 256]
-        query = table.search(block if len(block) > 1 else block[0]).distance_type("cosine")
+        query = table.search(block if len(block) > 1 else block[0], vector_column_name="vector")
+        query = query.distance_type("cosine")
         if exact:
             query = query.bypass_vector_index()
         for name in ("nprobes", "refine_factor"):
