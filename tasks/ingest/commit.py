@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 
 from schemas.tables import SCORE_COLUMNS
 from tasks.ingest.changes import file_rows
-from tasks.io.captions import caption_columns, fixed_size
 from tasks.io import store
+from tasks.io.captions import caption_columns, fixed_size
 
 #: stages a re-run should retry (the ledger does not record them)
 TRANSIENT_STAGES = frozenset({"missing", "read", "embed"})
@@ -62,8 +62,9 @@ def commit_chunk(tables: store.Tables, chunk: pa.Table, clip_label: str, run_id:
     if new.height:
         width = captions.shape[1] if captions is not None else None
         caption_columns(tables.images, vectors.shape[1], width)
+        # a row without a caption has a null caption vector: LanceDB calls that "bad" unless told
         tables.images.add(_image_rows(new, vectors, captions, clip_label, run_id,
-                                      tables.images.schema))
+                                      tables.images.schema), on_bad_vectors="null")
     store.upsert_rejects(tables.rejects, bad.select(
         "source_uri", "file_name", "stage", "error").to_dicts(), run_id)
     permanent = bad.filter(~pl.col("stage").is_in(list(TRANSIENT_STAGES)))

@@ -67,7 +67,8 @@ def _train_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    unk, pad, cls_, sep_, mask = SPECIAL_TOKENS[1], *SPECIAL_TOKENS[:1], *SPECIAL_TOKENS[2:]
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
@@ -77,6 +78,6 @@ def _train_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad,
+                                   cls_token=cls_, sep_token=sep_, mask_token=mask,
                                    model_max_length=128)

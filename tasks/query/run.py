@@ -25,8 +25,8 @@ from tasks.io import atomic
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, model_shape
 from tasks.models.engines import EngineConfig
-from tasks.query.boxes import Tile, parse_boxes
 from tasks.models.text import TextSpec
+from tasks.query.boxes import Tile, parse_boxes
 from tasks.query.embed import CAPTION_MODES, RayEmbed, embed_captions, embed_plan
 from tasks.query.generate import GenerateOptions, generate
 from tasks.query.grid import GRID_SIZE
