@@ -138,8 +138,8 @@ def search_all(pinned: Pinned, plan: pl.DataFrame, vectors: np.ndarray, errors: 
     for row in ready.filter(pl.col("mode") == "hybrid").iter_rows(named=True):
         began, i = time.perf_counter(), row["_i"]
         try:
-            spaces = usable_spaces(pinned, opts)
             cvec = caption_vectors[i] if caption_vectors is not None else None
+            spaces = usable_spaces(pinned, opts, cvec is not None and np.isfinite(cvec).all())
             hits[i] = fused_search(pinned.table, vectors[i], cvec, row, opts, spaces)
             used[i] = list(spaces)
         except Exception as e:  # noqa: BLE001 - recorded per query, the run goes on
@@ -167,13 +167,15 @@ def _grouped(pinned: Pinned, rows: pl.DataFrame, column: str, matrix: np.ndarray
         timings.update(dict.fromkeys(ids, (time.perf_counter() - began) * 1000 / len(ids)))
 
 
-def usable_spaces(pinned: Pinned, opts: dict) -> tuple[str, ...]:
-    """The hybrid spaces asked for, less the caption space where the table cannot serve it."""
+def usable_spaces(pinned: Pinned, opts: dict, has_caption_vector: bool = True,
+                  ) -> tuple[str, ...]:
+    """The hybrid spaces asked for, less the caption space where the table cannot serve it
+    or the query has no caption-space vector (no caption encoder was given)."""
     spaces = parse_spaces(opts.get("spaces") or "image+caption+text")
-    if pinned.caption_note and "caption" in spaces:
+    if "caption" in spaces and (pinned.caption_note or not has_caption_vector):
         spaces = tuple(s for s in spaces if s != "caption")
         if not spaces:
-            raise ValueError(pinned.caption_note)
+            raise ValueError(pinned.caption_note or "no caption-space query vector")
     return spaces
 
 
