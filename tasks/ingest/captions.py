@@ -11,10 +11,9 @@ column (never an image byte):
 - a row embedded by another text model (``caption_model``) is re-embedded by the backfill; a
   model of another width re-declares the column first (older table versions keep the old one).
 
-Rows are committed ``commit_rows`` at a time, each write conditional on the caption still being
-the one embedded (``when_matched_update_all(where=…)``), so a crash keeps what was committed, a
-re-run embeds only what is still stale, and a caption changed meanwhile is never overwritten
-with a vector of its old text.
+Rows are committed ``commit_rows`` at a time, each write (under the writer lock) only for rows
+whose caption is still the text embedded, so a crash keeps what was committed, a re-run embeds
+only what is still stale, and a caption changed meanwhile never gets a vector of its old text.
 """
 
 from __future__ import annotations
@@ -114,17 +113,25 @@ def refresh_captions(images, db_uri: str, text: TextSpec, *, commit_rows: int = 
 
 
 def _write(images, part: pl.DataFrame, vectors: np.ndarray, label: str) -> None:
-    """Set the caption columns of rows whose caption is still the text that was embedded."""
+    """Set the caption columns of rows whose caption is still the text that was embedded.
+
+    Call under the writer lock (every mmrag writer of the table takes it), so the check and
+    the write see the same captions.  Not ``when_matched_update_all(where=…)``: with the
+    ``image_id`` BTree index in place that panics in LanceDB 0.40 ("Incorrect number of arrays
+    for StructArray fields")."""
+    now = store.image_rows(images, part["image_id"].to_list(), ["caption"])
+    keep = part.with_columns(_v=pl.int_range(part.height)).join(
+        now.rename({"caption": "_now"}), on="image_id").filter(pl.col("caption") == pl.col("_now"))
+    if not keep.height:
+        return
     schema = images.schema
     table = pa.table({
-        "image_id": pa.array(part["image_id"].to_list(), pa.string()),
-        "caption": pa.array(part["caption"].to_list(), pa.string()),
-        "caption_vector": fixed_size(vectors),
-        "caption_model": pa.array([label] * part.height, pa.string()),
+        "image_id": pa.array(keep["image_id"].to_list(), pa.string()),
+        "caption_vector": fixed_size(vectors[keep["_v"].to_numpy()]),
+        "caption_model": pa.array([label] * keep.height, pa.string()),
     })
     table = table.cast(pa.schema([schema.field(n) for n in table.column_names]))
-    (images.merge_insert("image_id")
-     .when_matched_update_all(where="target.caption = source.caption").execute(table))
+    images.merge_insert("image_id").when_matched_update_all().execute(table)
 
 
 def backfill_captions(db_uri: str, dim: int, clip_label: str, text: TextSpec,

@@ -22,8 +22,11 @@ from tasks.models.clip import resolve_spec
 from tasks.models.text import load_text, resolve_text
 
 QUERY = "leafy avenue"
-_WORDS = ("tree lined street quiet road shaded green path houses brick wall park bench river "
-          "bridge tall tower market busy crossing cars parked old church").split()
+_WORDS = (
+    "tree", "lined", "street", "quiet", "road", "shaded", "green", "path", "houses", "brick",
+    "wall", "park", "bench", "river", "bridge", "tall", "tower", "market", "busy", "crossing",
+    "cars", "parked", "old", "church",
+)
 
 
 def specs(cache_dir, encoder: str = "clip"):
