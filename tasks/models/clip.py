@@ -29,6 +29,8 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+#: texts per text-tower call, sorted by length so each call stops at its own longest text
+_TEXT_CHUNK = 32
 TINY_WARNING = (
     "profile 'tiny': the CLIP model has random weights - its vectors are meaningless; "
     "use it for smoke runs and tests only"
@@ -208,11 +210,20 @@ class Clip:
         return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts → L2-normalised float32 (N, dim); sorted by length into chunks so each text
+        tower call stops at its own longest text (``encode_text_trimmed``)."""
         import torch
 
         with torch.inference_mode():
             tokens = self.tokenizer(texts).to(self.device)
-            return _normalise(encode_text_trimmed(self.model, tokens))
+            order = tokens.argmax(dim=-1).argsort()
+            parts = [encode_text_trimmed(self.model, tokens[idx]).float()
+                     for idx in order.split(_TEXT_CHUNK)]
+            if not parts:
+                return np.zeros((0, self.dim), dtype=np.float32)
+            out = torch.empty((len(texts), parts[0].shape[1]), device=self.device)
+            out[order] = torch.cat(parts)
+            return _normalise(out)
 
 
 def encode_text_trimmed(model, tokens):
