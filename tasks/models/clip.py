@@ -214,13 +214,13 @@ class Clip:
         tower call stops at its own longest text (``encode_text_trimmed``)."""
         import torch
 
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
             tokens = self.tokenizer(texts).to(self.device)
             order = tokens.argmax(dim=-1).argsort()
             parts = [encode_text_trimmed(self.model, tokens[idx]).float()
                      for idx in order.split(_TEXT_CHUNK)]
-            if not parts:
-                return np.zeros((0, self.dim), dtype=np.float32)
             out = torch.empty((len(texts), parts[0].shape[1]), device=self.device)
             out[order] = torch.cat(parts)
             return _normalise(out)
