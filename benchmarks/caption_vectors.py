@@ -4,7 +4,8 @@ The whole embedding stage of an ingest (``tasks.ingest.run.process``: Ray decode
 CLIP actor pool, LanceDB commits) over the same planned dump, with ``text`` None (no caption
 vectors) and with the CLIP text tower (the default), alternated A B B A so drift hits both
 equally, after one discarded warm-up run (the first pipeline of a process is slower: 11.9
-against 17.2 img/s measured).  Random ViT-B-32 weights: same architecture, same cost as the real ones.
+against 17.2 img/s measured).  Random ViT-B-32 weights: same architecture, same cost as the
+real ones.
 """
 
 from __future__ import annotations
