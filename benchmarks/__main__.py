@@ -1,5 +1,5 @@
 """``python -m benchmarks NAME...``: ingest, incremental, retrieval, hybrid, multiscale,
-generation, or all."""
+generation, caption_vectors, or all."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-NAMES = ("ingest", "incremental", "retrieval", "hybrid", "multiscale", "generation")
+NAMES = ("ingest", "incremental", "retrieval", "hybrid", "multiscale", "generation",
+         "caption_vectors")
 
 
 def main(argv: list[str]) -> None:

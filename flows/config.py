@@ -18,6 +18,7 @@ from tasks.io.objstore import StorageConfig
 from tasks.io.store import IndexPolicy
 from tasks.models.clip import ClipSpec, resolve_spec
 from tasks.models.engines import EngineConfig, box_convention_for, resolve_engine
+from tasks.models.text import TextSpec, resolve_text
 from tasks.query.embed import RayEmbed
 from tasks.query.generate import GenerateOptions
 
@@ -34,11 +35,19 @@ def clip_spec(settings: Settings) -> ClipSpec:
                         settings.clip_scales)
 
 
+def text_spec(settings: Settings) -> TextSpec | None:
+    """The caption encoder (None: no caption vectors); the tiny one built on demand."""
+    return resolve_text(*settings.caption_spec(), clip_spec(settings), settings.cache_dir)
+
+
 def search_options(settings: Settings) -> dict:
     """The knobs ``tasks.query.retrieve.search_all`` takes; query runs and evaluations share
     them."""
     return {"nprobes": settings.nprobes, "refine_factor": settings.refine_factor,
-            "rerank_weight": settings.rerank_weight, "rerank_depth": settings.rerank_depth}
+            "rerank_weight": settings.rerank_weight, "rerank_depth": settings.rerank_depth,
+            "spaces": settings.hybrid_spaces, "fusion": settings.fusion,
+            "rrf_k": settings.rrf_k, "image_weight": settings.image_weight,
+            "caption_weight": settings.caption_weight, "text_weight": settings.text_weight}
 
 
 def index_policy(settings: Settings) -> IndexPolicy:
@@ -99,4 +108,5 @@ def pipeline_opts(settings: Settings) -> dict:
                 actor_cpus=settings.embed_actor_cpus, decode_cpus=settings.decode_cpus,
                 threads=settings.embed_threads or max(1, (settings.ray_num_cpus or os.cpu_count()
                                                           or 1) // settings.embed_actors),
-                out_rows=settings.commit_rows, reduced_decode=settings.reduced_decode)
+                out_rows=settings.commit_rows, reduced_decode=settings.reduced_decode,
+                text=text_spec(settings))

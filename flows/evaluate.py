@@ -38,8 +38,10 @@ HEADLINE = ("recall@1", "recall@5", "recall@10", "mrr")
 
 def _pin(settings: Settings, version: int | None = None):
     spec = config.clip_spec(settings)
+    text = config.text_spec(settings)
     pinned = pin_images(settings.db, model_shape(spec)[0], spec.label, version,
-                        settings.table_suffix, config.storage(settings))
+                        settings.table_suffix, config.storage(settings),
+                        text.label if text else None)
     return spec, pinned
 
 
@@ -64,7 +66,11 @@ def labelled_task(settings: Settings, sample: int, seed: int, kinds: list[str],
 def retrieval_task(labelled: str, settings: Settings, variants: dict[str, dict],
                    version: int, work: str) -> str:
     spec, pinned = _pin(settings, version)
-    rows = evaluate.evaluate_retrieval(pinned, pl.read_parquet(labelled), variants)
+    queries = pl.read_parquet(labelled)
+    if pinned.caption_note:
+        _logger("mmrag.evaluate").warning("caption space left out: %s", pinned.caption_note)
+    captions = evaluate.caption_vectors(pinned, queries, config.text_spec(settings))
+    rows = evaluate.evaluate_retrieval(pinned, queries, variants, captions)
     prov = {"db": settings.db, "images_table": pinned.name, "table_version": pinned.version,
             "clip_model": spec.label}
     return _save([r | prov for r in rows], Path(work) / "retrieval-metrics.parquet")

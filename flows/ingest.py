@@ -13,6 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import config
+from flows.captions import refresh_task
 from flows.common import call as _call
 from flows.common import in_flow_run as _in_flow_run
 from flows.common import logger as _logger
@@ -101,6 +102,9 @@ def ingest_flow(source: str, settings: Settings | None = None,
     plan_path, planned = _call(plan_task, source, settings, run_id, allow_deletes)
     done = (_call(embed_task, plan_path, planned["todo"], settings, run_id)
             if planned["todo"] else None)
+    if done or planned["metadata_updated"] or planned["moved"]:
+        planned = planned | {"captions_embedded": _call(refresh_task, settings)
+                             .get("embedded", 0)}
     summary = merge_counts(planned, done) | {"run_id": run_id, "source": source,
                                              "db": settings.db, "tiny_profile": settings.is_tiny}
     if _in_flow_run():

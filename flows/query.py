@@ -54,7 +54,8 @@ def retrieve_task(plan_path: str, settings: Settings, work: str) -> tuple[str, d
     init_ray(config.ray(settings))
     stats = rag.retrieve(Path(plan_path), out, settings.db, spec, settings.max_image_pixels,
                          config.search_options(settings), settings.table_suffix,
-                         config.storage(settings), config.ray_embed(settings))
+                         config.storage(settings), config.ray_embed(settings),
+                         config.text_spec(settings))
     _logger("mmrag.query").info("retrieved at %s version %d: %s", settings.db,
                                 stats["table_version"], stats)
     return str(out), stats

@@ -17,9 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
     "default": {"clip_model": "ViT-B-32", "clip_pretrained": "laion2b_s34b_b79k",
-                "engine": "auto", "vlm_model": "llava-hf/llava-1.5-7b-hf"},
+                "engine": "auto", "vlm_model": "llava-hf/llava-1.5-7b-hf",
+                "caption_model": "BAAI/bge-small-en-v1.5"},
     "tiny": {"clip_model": "mmrag-tiny-clip", "clip_pretrained": "tiny",
-             "engine": "transformers", "vlm_model": "tiny"},
+             "engine": "transformers", "vlm_model": "tiny", "caption_model": "tiny"},
 }
 
 
@@ -173,6 +174,27 @@ class Settings(BaseSettings):
         "full-text/vector fusion (0 = off)"
     )
     rerank_depth: int = Field(50, ge=1, description="hybrid candidates rescored when reranking")
+    caption_encoder: Literal["clip", "sentence-transformers", "none"] = Field(
+        "clip", description="caption vectors (the dense caption space): clip = the CLIP "
+        "model's own text tower (no new weights); sentence-transformers = caption_model; "
+        "none = no caption vectors"
+    )
+    caption_model: str | None = Field(
+        None, description="sentence-transformers model id or local folder for caption "
+        "vectors (profile default: BAAI/bge-small-en-v1.5; tiny = a random-weight test model)"
+    )
+    hybrid_spaces: str = Field(
+        "image+caption+text", description="rankings a hybrid query fuses: image (image "
+        "vectors), caption (caption vectors), text (full-text on captions), joined by +"
+    )
+    fusion: Literal["rrf", "weighted"] = Field(
+        "rrf", description="how hybrid rankings are fused: rrf = reciprocal rank fusion; "
+        "weighted = per-space weights on min-max-scaled scores"
+    )
+    rrf_k: int = Field(60, ge=1, description="RRF constant: score = sum of 1/(k + rank)")
+    image_weight: float = Field(0.7, ge=0, description="weighted fusion: image space (alpha)")
+    caption_weight: float = Field(0.3, ge=0, description="weighted fusion: caption space")
+    text_weight: float = Field(0.3, ge=0, description="weighted fusion: full text")
     table_suffix: str | None = Field(
         None, description="table-set suffix; None = derived from the CLIP model"
     )
@@ -197,6 +219,13 @@ class Settings(BaseSettings):
         """(engine, model) after applying profile defaults."""
         defaults = PROFILE_DEFAULTS[self.profile]
         return self.engine or defaults["engine"], self.vlm_model or defaults["vlm_model"]
+
+    def caption_spec(self) -> tuple[str, str | None]:
+        """(caption encoder, its model after profile defaults; None for clip and none)."""
+        if self.caption_encoder != "sentence-transformers":
+            return self.caption_encoder, None
+        return self.caption_encoder, (self.caption_model
+                                      or PROFILE_DEFAULTS[self.profile]["caption_model"])
 
     @property
     def is_tiny(self) -> bool:

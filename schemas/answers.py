@@ -20,7 +20,8 @@ from schemas.tables import SCORE_COLUMNS
 #   1 - first release
 #   2 - adds boxes, raw_answer, search_options
 #   3 - adds n_context_dropped, prompt_token_budget (prompts fitted in the model's tokens)
-SCHEMA_VERSION = "3"
+#   4 - retrieved hits gain caption_similarity and spaces (the dual-space index); mode caption
+SCHEMA_VERSION = "4"
 ANSWERS_DIR = "answers"
 
 RETRIEVED_TYPE = pa.struct(
@@ -36,6 +37,8 @@ RETRIEVED_TYPE = pa.struct(
         ("similarity", pa.float32()),
         ("score", pa.float32()),
         *[(c, pa.float32()) for c in SCORE_COLUMNS],
+        ("caption_similarity", pa.float32()),
+        ("spaces", pa.list_(pa.string())),
     ]
 )
 
@@ -93,7 +96,7 @@ COLUMN_DOCS = {
     "query_id": "from the queries file, or generated (q00001…) when absent",
     "query_text": "the question / text query",
     "query_image": "query image path as given",
-    "mode": "text | image | hybrid",
+    "mode": "text | image | caption | hybrid",
     "top_k": "images retrieved",
     "city": "city filter as given",
     "min_<score>, max_<score>": "perception-score bounds as given (six scores)",
@@ -103,7 +106,8 @@ COLUMN_DOCS = {
     "table_version": "LanceDB version of images searched (time travel: checkout(version))",
     "clip_model": "CLIP model of query and image vectors",
     "search_options": "JSON of the search knobs used (nprobes, refine_factor, rerank_weight, "
-    "rerank_depth)",
+    "rerank_depth, spaces, fusion, rrf_k, image/caption/text_weight) and spaces_used: the "
+    "spaces this query searched (caption_note: why the caption space was left out)",
     "retrieved": "ranked hits: image_id, source_uri, city, caption, similarity, scores …",
     "prompt": "full text prompt sent to the VLM",
     "prompt_images": "image_ids shown to the VLM, in grid order",
@@ -141,9 +145,13 @@ FIELD_DOCS = {
         "lat, lon": "degrees, as in images",
         "caption": "captions of the image, as in images",
         "similarity": "cosine similarity of query and image vectors",
-        "score": "ranking score: the similarity, or for hybrid queries the RRF relevance "
-        "(fused with the similarity when rerank_weight > 0)",
+        "score": "ranking score: the similarity (caption queries: caption_similarity), or for "
+        "hybrid queries the fused score, RRF or weighted (fused with the similarity when "
+        "rerank_weight > 0)",
         ", ".join(SCORE_COLUMNS): "perception scores of the image, as in images",
+        "caption_similarity": "cosine similarity of the query text and the image's caption "
+        "vector; null when the caption space did not find the hit",
+        "spaces": "spaces whose ranking found the hit: image, caption, text (full text)",
     },
     "boxes": {
         "image_id": "image_id of the boxed photo; null = the query photo",

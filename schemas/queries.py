@@ -2,12 +2,13 @@
 
 Input columns (all optional except that a row needs ``text`` or ``image``)::
 
-    query_id  text  image  mode (text|image|hybrid)  top_k  city
+    query_id  text  image  mode (text|image|caption|hybrid)  top_k  city
     min_livelier max_livelier … min_wealthier max_wealthier
 
 ``mode`` is inferred when absent: text only → ``text`` (text→image), image only → ``image``
-(image→image), both → ``hybrid`` (image vector + full-text on captions, fused with RRF).
-An explicit ``hybrid`` with text only uses the text vector plus full-text.
+(image→image), both → ``hybrid`` (the image-space vector, the text in the caption space and
+full-text on captions, fused; ``MMRAG_HYBRID_SPACES``).  An explicit ``hybrid`` with text only
+uses the text's vector in the image space; ``caption`` searches the caption vectors only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from schemas.tables import SCORE_COLUMNS
 
-MODES = ("text", "image", "hybrid")
+MODES = ("text", "image", "caption", "hybrid")
 BOUND_COLUMNS = tuple(f"{side}_{c}" for c in SCORE_COLUMNS for side in ("min", "max"))
 INPUT_COLUMNS = ("query_id", "text", "image", "mode", "top_k", "city", *BOUND_COLUMNS)
 QUERY_FORMATS = ("csv", "jsonl", "json", "parquet")

@@ -1,7 +1,8 @@
 """LanceDB table contracts: ``images``, ``files`` and ``rejects``.
 
 Defined once here as ``LanceModel``s; every Arrow schema the pipeline writes is derived from
-them.  The ``images`` vector width depends on the CLIP model, so its model is built per width.
+them.  The ``images`` vector widths depend on the CLIP model and the caption text model, so its
+model is built per pair of widths.
 """
 
 from __future__ import annotations
@@ -102,13 +103,29 @@ class ImageBase(ImageTech, ImageMeta, ImageIdentity):
     """One row per distinct image content; columns in identity, metadata, provenance order."""
 
 
+#: ``images`` schema version (in the Arrow schema metadata).  History: 1 = the first table;
+#: 2 adds ``caption_vector`` and ``caption_model`` (a dense caption space beside the image
+#: space).  A version-1 table gains them in place, as nulls, on its next write or with
+#: ``mmrag backfill --captions`` (which also embeds the captions; no image is read).
+IMAGES_SCHEMA_VERSION = "2"
+CAPTION_COLUMNS = ("caption_vector", "caption_model")
+
+
 @cache
-def image_record(dim: int) -> type[LanceModel]:
-    """The ``images`` row model for a CLIP embedding width ``dim``."""
+def image_record(dim: int, caption_dim: int | None = None) -> type[LanceModel]:
+    """The ``images`` row model for a CLIP embedding width ``dim`` and a caption vector width
+    ``caption_dim`` (None = ``dim``: captions embedded by the CLIP text tower)."""
     return create_model(
-        f"ImageRecord{dim}",
+        f"ImageRecord{dim}x{caption_dim or dim}",
         __base__=ImageBase,
         vector=(Vector(dim), Field(description="L2-normalised CLIP image embedding")),
+        caption_vector=(Vector(caption_dim or dim) | None, Field(
+            None, description="L2-normalised embedding of the caption text by caption_model "
+            "(the CLIP text tower by default: the space text queries live in); null where the "
+            "image has no caption, or its caption changed and is not embedded yet")),
+        caption_model=(str | None, Field(
+            None, description="text model that made caption_vector (e.g. "
+            "clip:ViT-B-32/laion2b_s34b_b79k); null when caption_vector is null")),
     )
 
 
@@ -165,8 +182,10 @@ class RejectRecord(LanceModel):
     at: datetime = Field(description="UTC time")
 
 
-def images_schema(dim: int) -> pa.Schema:
-    return _tighten(image_record(dim).to_arrow_schema())
+def images_schema(dim: int, caption_dim: int | None = None) -> pa.Schema:
+    schema = _tighten(image_record(dim, caption_dim).to_arrow_schema())
+    return schema.with_metadata((schema.metadata or {}) | {
+        b"mmrag.schema_version": IMAGES_SCHEMA_VERSION.encode()})
 
 
 def files_schema() -> pa.Schema:

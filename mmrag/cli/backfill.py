@@ -1,4 +1,5 @@
-"""``mmrag backfill``: many dumps in one resumable run; also how to re-embed with a new model."""
+"""``mmrag backfill``: many dumps in one resumable run; also how to re-embed with a new model,
+and (``--captions``) how an existing table gains its caption vectors without reading an image."""
 
 from __future__ import annotations
 
@@ -23,9 +24,17 @@ def backfill(
         help="resume key; default = hash of the dump list + CLIP model")] = None,
     from_ledger: Annotated[bool, typer.Option(
         help="the dumps already in the default model's ledger (to re-embed them)")] = False,
+    captions: Annotated[bool, typer.Option(
+        "--captions", help="no dumps: add caption vectors to the existing images table in "
+        "place (captions only; no image is read)")] = False,
 ) -> None:
     """Ingest many dumps in one run; re-running the same command resumes it."""
     settings = settings_from(ctx)
+    if captions:
+        if roots or root or start or end or from_ledger:
+            fatal("--captions embeds the captions already stored: give no dumps, --root, "
+                  "--start, --end or --from-ledger")
+        return backfill_captions(settings)
     params = dict(roots=roots or None, root=root, start=start, end=end, chunk_size=chunk_size,
                   backfill_id=backfill_id, from_ledger=from_ledger)
     from flows.backfill import backfill_flow, select_dumps
@@ -62,3 +71,19 @@ def print_summary(summary: dict) -> None:
     if summary.get("tiny_profile"):
         lines.append("  NOTE: profile 'tiny' - random-weight CLIP, vectors are meaningless")
     typer.echo("\n".join(lines))
+
+
+def backfill_captions(settings) -> None:
+    """Upgrade the table in place and embed its captions; re-running resumes."""
+    from flows.captions import caption_backfill_flow
+    from tasks.io.store import StoreError
+
+    try:
+        summary = run_flow(settings.work_dir, caption_backfill_flow, settings)
+    except (StoreError, ValueError, ImportError) as e:
+        fatal(str(e))
+    added = "columns added in place, " if summary["upgraded"] else (
+        "column re-declared for a new width, " if summary["redeclared"] else "")
+    typer.echo(f"caption vectors: {added}{summary['embedded']} of {summary['stale']} stale "
+               f"captions embedded with {summary['caption_model']} in {summary['seconds']} s "
+               f"-> {summary['db']} ({summary['images_table']})")

@@ -1,7 +1,9 @@
 """``mmrag evaluate``: retrieval metrics on a labelled set, answer checks, one metrics file.
 
 Search variants: ``--variant rerank=rerank_weight:0.5,rerank_depth:50`` (repeatable) evaluates
-the settings' search options with those keys laid over them, next to ``default``.
+the settings' search options with those keys laid over them, next to ``default``; ``--spaces``
+adds one variant per combination of hybrid spaces (image only, caption only, both, each with and
+without full text).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def evaluate(
     augment: Annotated[str | None, typer.Option(
         help="comma list of crop,resize,jpeg,jitter,combined,identity (default: first 5)")]
     = None,
+    spaces: Annotated[bool, typer.Option(
+        "--spaces", help="also the hybrid space variants: image_only, caption_only, "
+        "image+caption, image+text, caption+text, all")] = False,
 ) -> None:
     """Retrieval quality (recall@k, MRR) per search variant, plus answer checks.
 
@@ -47,7 +52,13 @@ def evaluate(
     settings = settings_from(ctx, out=out or None)
     params = dict(sample=sample, seed=seed, answers=answers, clip_score=clip_score,
                   eval_id=eval_id, run_date=run_date, max_answer_chars=max_answer_chars)
-    _run(settings, params, variant or [], augment)
+    _run(settings, params, [*(variant or []), *(_space_specs() if spaces else [])], augment)
+
+
+def _space_specs() -> list[str]:
+    from tasks.evaluate.retrieval import SPACE_VARIANTS
+
+    return [f"{name}=spaces:{value}" for name, value in SPACE_VARIANTS.items()]
 
 
 def _run(settings, params: dict, variant_specs: list[str], augment: str | None) -> None:

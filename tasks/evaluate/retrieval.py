@@ -5,6 +5,10 @@ with
 their relevant image ids.  Here they are searched, scored (recall@1/5/10 and MRR, overall, per
 augmentation and per city) and written as the metrics table (``schemas/metrics.py``).
 
+- Spaces: hybrid queries fuse the image, caption and full-text rankings; ``SPACE_VARIANTS``
+  (``mmrag evaluate --spaces``) evaluates each combination as a variant.  The labelled set's
+  text is an image's own caption, so it flatters the caption and full-text spaces (see
+  docs/guide/evaluate.md for how to decide on real weights).
 - ANN vs exact: the same text and image query vectors with the variant's ANN options against
   ``bypass_vector_index()`` (brute force).  Measured on every table; without a vector index
   both sides are brute force, recorded with ``subset = no_index`` (expect 1.0).
@@ -28,14 +32,20 @@ from schemas.metrics import METRICS_DIR, METRICS_SCHEMA
 from schemas.queries import QUERY_PLAN_SCHEMA
 from tasks.io import answers
 from tasks.io.objstore import StorageConfig, storage_options
-from tasks.query.retrieve import Pinned, search_all
+from tasks.models.text import TextSpec, load_text, release_text
+from tasks.query.fusion import parse_spaces
+from tasks.query.retrieve import TEXT_BATCH, Pinned, search_all
 
 KS = (1, 5, 10)
 DEPTH = max(KS)
 RETRIEVAL_TASKS = ("text2image", "image2image", "hybrid", "hybrid_image")
 _MODES = {"text2image": "text", "image2image": "image", "hybrid": "hybrid",
           "hybrid_image": "hybrid"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+#: the hybrid space combinations ``--spaces`` evaluates (name → spaces option)
+SPACE_VARIANTS = {"image_only": "image", "caption_only": "caption",
+                  "image+caption": "image+caption", "image+text": "image+text",
+                  "caption+text": "caption+text", "all": "image+caption+text"}
 
 
 # --- metrics: pure functions of ranked id lists and relevant sets ---------------------------
@@ -122,14 +132,32 @@ def resolve_variants(specs: Sequence[str], base: dict) -> dict[str, dict]:
             raise ValueError(f"variant {name!r} is given twice")
         given.add(name)
         variants[name] = {**base, **opts}
+        if variants[name].get("spaces") is not None:
+            parse_spaces(variants[name]["spaces"])  # a bad space fails now, not per query
     return variants
 
 
 # --- searching and scoring ------------------------------------------------------------------
 
 
+def caption_vectors(pinned: Pinned, queries: pl.DataFrame,
+                    text: TextSpec | None) -> np.ndarray | None:
+    """The queries' texts in the caption space (NaN rows where none); None when the table's
+    caption space cannot be searched (hybrid variants then fuse the other spaces)."""
+    if text is None or pinned.caption_note or queries.is_empty():
+        return None
+    model, texts = load_text(text), queries["text"].to_list()
+    out = np.full((len(texts), model.dim), np.nan, dtype=np.float32)
+    idx = [i for i, t in enumerate(texts) if t]
+    for start in range(0, len(idx), TEXT_BATCH):
+        rows = idx[start : start + TEXT_BATCH]
+        out[rows] = model.encode([texts[i] for i in rows])
+    release_text()
+    return out
+
+
 def search_variant(pinned: Pinned, queries: pl.DataFrame, opts: dict,
-                   depth: int = DEPTH) -> pl.DataFrame:
+                   depth: int = DEPTH, captions: np.ndarray | None = None) -> pl.DataFrame:
     """Every query through ``search_all`` with ``opts`` → query_id, ranked image ids, error."""
     plan = pa.Table.from_pylist(
         [{"row": i, "query_id": q["query_id"], "text": q["text"], "mode": _MODES[q["task"]],
@@ -138,7 +166,8 @@ def search_variant(pinned: Pinned, queries: pl.DataFrame, opts: dict,
                                .iter_rows(named=True))],
         schema=QUERY_PLAN_SCHEMA)
     errors: dict[int, str] = {}
-    hits = search_all(pinned, pl.from_arrow(plan), _matrix(queries["vector"]), errors, opts)
+    hits = search_all(pinned, pl.from_arrow(plan), _matrix(queries["vector"]), errors, opts,
+                      caption_vectors=captions)
     return pl.DataFrame({
         "query_id": queries["query_id"],
         "ranked": [[h["image_id"] for h in hits.get(i, [])] for i in range(queries.height)],
@@ -219,7 +248,8 @@ def _nearest(table, matrix: np.ndarray, k: int, opts: dict, exact: bool) -> list
     out: list[list[str]] = []
     for start in range(0, len(matrix), 256):
         block = matrix[start : start + 256]
-        query = table.search(block if len(block) > 1 else block[0]).distance_type("cosine")
+        query = table.search(block if len(block) > 1 else block[0], vector_column_name="vector")
+        query = query.distance_type("cosine")
         if exact:
             query = query.bypass_vector_index()
         for name in ("nprobes", "refine_factor"):
@@ -234,12 +264,13 @@ def _nearest(table, matrix: np.ndarray, k: int, opts: dict, exact: bool) -> list
     return out
 
 
-def evaluate_retrieval(pinned: Pinned, queries: pl.DataFrame,
-                       variants: dict[str, dict]) -> list[dict]:
-    """All retrieval metric rows: for each variant, the three tasks and ANN vs exact."""
+def evaluate_retrieval(pinned: Pinned, queries: pl.DataFrame, variants: dict[str, dict],
+                       captions: np.ndarray | None = None) -> list[dict]:
+    """All retrieval metric rows: for each variant, the three tasks and ANN vs exact.
+    ``captions``: the queries in the caption space (``caption_vectors``)."""
     rows = []
     for name, opts in variants.items():
-        found = search_variant(pinned, queries, opts)
+        found = search_variant(pinned, queries, opts, captions=captions)
         opts_json = json.dumps(opts, sort_keys=True, default=str)
         rows += [r | {"search_opts": opts_json}
                  for r in score(queries, found, name) + ann_vs_exact(pinned, queries, opts, name)]

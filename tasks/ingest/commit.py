@@ -15,14 +15,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.tables import SCORE_COLUMNS, images_schema
+from schemas.tables import SCORE_COLUMNS
 from tasks.ingest.changes import file_rows
 from tasks.io import store
+from tasks.io.captions import caption_columns, fixed_size
 
 #: stages a re-run should retry (the ledger does not record them)
 TRANSIENT_STAGES = frozenset({"missing", "read", "embed"})
 _STRING_COLUMNS = {"image_id", "stage", "error", "city", "place_id", "caption", "old_image_id",
-                   "meta_hash"}
+                   "meta_hash", "caption_model"}
+_VECTOR_COLUMNS = ("vector", "caption_vector")
 
 
 def latest(tables: store.Tables) -> store.Tables:
@@ -41,10 +43,15 @@ def latest(tables: store.Tables) -> store.Tables:
 def commit_chunk(tables: store.Tables, chunk: pa.Table, clip_label: str, run_id: str) -> Counter:
     """Write one streamed chunk: new images, then rejects, then the ledger rows.
 
-    Call it under the writer lock: it reads what is stored, then writes what is missing."""
+    Call it under the writer lock: it reads what is stored, then writes what is missing.
+    Caption vectors (``caption_vector``/``caption_model``, from the CLIP actor) are optional:
+    without them the rows' caption columns are null, for a caption refresh to fill."""
     latest(tables)
     vectors = _vectors(chunk.column("vector"))
-    frame = pl.from_arrow(_typed(chunk.drop_columns(["vector"]))).with_row_index("_i")
+    captions = (_vectors(chunk.column("caption_vector"))
+                if "caption_vector" in chunk.column_names else None)
+    frame = pl.from_arrow(_typed(chunk.drop_columns(
+        [c for c in _VECTOR_COLUMNS if c in chunk.column_names]))).with_row_index("_i")
     frame = frame.with_columns(pl.col(c).cast(pl.Float64).fill_nan(None) for c in
                                (*SCORE_COLUMNS, "lat", "lon"))
     ok = frame.filter(pl.col("stage").is_null()).sort("source_uri")
@@ -53,7 +60,11 @@ def commit_chunk(tables: store.Tables, chunk: pa.Table, clip_label: str, run_id:
     ok = ok.with_columns(_status(known))
     new = ok.filter(pl.col("status") == "ingested", ~pl.col("image_id").is_in(list(known)))
     if new.height:
-        tables.images.add(_image_rows(new, vectors, clip_label, run_id))
+        width = captions.shape[1] if captions is not None else None
+        caption_columns(tables.images, vectors.shape[1], width)
+        # a row without a caption has a null caption vector: LanceDB calls that "bad" unless told
+        tables.images.add(_image_rows(new, vectors, captions, clip_label, run_id,
+                                      tables.images.schema), on_bad_vectors="null")
     store.upsert_rejects(tables.rejects, bad.select(
         "source_uri", "file_name", "stage", "error").to_dicts(), run_id)
     permanent = bad.filter(~pl.col("stage").is_in(list(TRANSIENT_STAGES)))
@@ -74,7 +85,9 @@ def _typed(chunk: pa.Table) -> pa.Table:
         if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
             nulls = pa.nulls(len(chunk), pa.string())
             chunk = chunk.set_column(chunk.column_names.index(name), name, nulls)
-    for name in ("image_id", "stage", "error"):
+    for name in ("image_id", "stage", "error", "caption_model"):
+        if name not in chunk.column_names:
+            continue
         col = pc.if_else(pc.equal(chunk.column(name), ""), None, chunk.column(name))
         chunk = chunk.set_column(chunk.column_names.index(name), name, col)
     return chunk
@@ -102,11 +115,22 @@ def _vectors(column: pa.ChunkedArray) -> np.ndarray:
     return np.stack(arr.to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
-def _image_rows(new: pl.DataFrame, vectors: np.ndarray, clip_label: str, run_id: str) -> pa.Table:
-    schema = images_schema(vectors.shape[1])
+def _image_rows(new: pl.DataFrame, vectors: np.ndarray, captions: np.ndarray | None,
+                clip_label: str, run_id: str, stored: pa.Schema) -> pa.Table:
+    """The new rows in the stored table's column order (an upgraded old table keeps its own)."""
     rows = new.with_columns(clip_model=pl.lit(clip_label), run_id=pl.lit(run_id),
                             ingested_at=pl.lit(datetime.now(UTC)))
-    table = rows.select([n for n in schema.names if n != "vector"]).to_arrow()
-    flat = vectors[new["_i"].to_numpy()].reshape(-1)
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), vectors.shape[1])
-    return table.append_column("vector", vec).cast(schema)
+    if captions is None or "caption_model" not in rows.columns:
+        rows = rows.with_columns(caption_model=pl.lit(None, pl.String))
+    take = new["_i"].to_numpy()
+    columns = {"vector": fixed_size(vectors[take]),
+               "caption_vector": fixed_size(captions[take] if captions is not None else
+                                            np.full((len(take), _width(stored)), np.nan))}
+    table = rows.select([n for n in stored.names if n not in columns]).to_arrow()
+    for name, array in columns.items():
+        table = table.append_column(name, array)
+    return table.select(stored.names).cast(stored)
+
+
+def _width(schema: pa.Schema) -> int:
+    return schema.field("caption_vector").type.list_size

@@ -18,9 +18,9 @@ from tasks.io.cluster import BATCH_RETRIES, quiet_ray_data
 from tasks.io.images import decode_batch
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, load_clip
+from tasks.models.text import TextSpec, load_text
 
 log = logging.getLogger(__name__)
-
 
 
 class PipelineError(RuntimeError):
@@ -28,14 +28,17 @@ class PipelineError(RuntimeError):
 
 
 class ClipEmbedder:
-    """Actor: holds one CLIP model; embeds the rows that decoded, passes the others through."""
+    """Actor: holds one CLIP model (and the caption encoder, by default CLIP's own text tower);
+    embeds the rows that decoded and their captions, passes the others through."""
 
-    def __init__(self, spec: ClipSpec, threads: int | None = None):
+    def __init__(self, spec: ClipSpec, threads: int | None = None, text: TextSpec | None = None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.clip = load_clip(spec)
+        self.text = load_text(text) if text else None
+        self.text_label = text.label if text else ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
@@ -48,15 +51,35 @@ class ClipEmbedder:
                 batch["stage"] = np.where(ok, "embed", batch["stage"]).astype(object)
                 batch["error"] = np.where(ok, f"embedding failed: {e}", batch["error"])
         batch["vector"] = vectors
+        if self.text is not None:
+            captions = self.captions(batch, np.asarray(batch["stage"]) == "")
+            batch["caption_vector"] = captions
+            batch["caption_model"] = np.where(np.isnan(captions[:, 0]), "",
+                                              self.text_label).astype(object)
         return batch
+
+    def captions(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> np.ndarray:
+        """(N, width) caption vectors, NaN rows where there is none: no caption, a failed
+        row, or a caption batch that failed (the images still land; a caption refresh
+        embeds it later, see ``tasks.ingest.captions``)."""
+        out = np.full((len(ok), self.text.dim), np.nan, dtype=np.float32)
+        texts = batch.get("caption", np.full(len(ok), None, dtype=object))
+        rows = [i for i in np.flatnonzero(ok) if isinstance(texts[i], str) and texts[i].strip()]
+        if rows:
+            try:
+                out[rows] = self.text.encode([texts[i] for i in rows])
+            except Exception:  # noqa: BLE001 - captions are refreshed later; images go on
+                log.exception("caption batch failed; its captions stay unembedded")
+        return out
 
 
 def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
                 batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
                 decode_cpus: float, out_rows: int, threads: int | None = None,
-                storage: StorageConfig | None = None,
-                reduced_decode: bool = True) -> Iterator[pa.Table]:
-    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector.
+                storage: StorageConfig | None = None, reduced_decode: bool = True,
+                text: TextSpec | None = None) -> Iterator[pa.Table]:
+    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector
+    (and ``caption_vector`` when a caption encoder ``text`` is given).
 
     ``storage`` (endpoint, region, driver credentials) is shipped to the decode tasks."""
     import ray
@@ -78,7 +101,7 @@ def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: 
         max_retries=BATCH_RETRIES,
     )
     ds = ds.map_batches(
-        ClipEmbedder, fn_constructor_kwargs={"spec": spec,
+        ClipEmbedder, fn_constructor_kwargs={"spec": spec, "text": text,
                                              "threads": threads or _threads(actor_cpus)},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
         batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus, max_task_retries=BATCH_RETRIES,

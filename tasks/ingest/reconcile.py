@@ -8,7 +8,9 @@ second time, and a run killed halfway is finished by the next one.  For each ima
 - its metadata is that file's, when the file is in the dump being ingested (``meta``);
 - with no live file left its row is deleted (older table versions keep it).
 
-The vector is never rewritten: a moved file or a new introducer keeps the stored embedding.
+The image vector is never rewritten: a moved file or a new introducer keeps the stored
+embedding.  A row whose caption changed loses its caption vector (``caption_vector`` null): the
+caption refresh (``tasks.ingest.captions``) embeds the new caption.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 from schemas.tables import LIVE_STATUSES
 from tasks.ingest.plan import META_VALUES
 from tasks.io import store
+from tasks.io.captions import forget_captions
 
 IDENTITY = ("source_uri", "rel_path", "file_name")
 
@@ -50,6 +53,7 @@ def reconcile(tables: store.Tables, image_ids, meta: pl.DataFrame | None = None,
     store.delete_images(tables.images, gone)
     store.update_images(tables.images, changed.to_arrow().cast(
         _schema(tables.images, changed.columns)))
+    forget_captions(tables.images, _recaptioned(current, changed))
     store.update_files(tables.files, _ledger_fixes(live, winners, hashes).to_arrow())
     return Reconciled(len(gone), n_meta, n_moved)
 
@@ -85,6 +89,13 @@ def _changes(current: pl.DataFrame, wanted: pl.DataFrame) -> tuple[pl.DataFrame,
     changed = both.filter(pl.col("_meta") | pl.col("_id"))
     return (changed.select("image_id", *cols), int(changed["_meta"].sum()),
             int(changed["_id"].sum()))
+
+
+def _recaptioned(current: pl.DataFrame, changed: pl.DataFrame) -> list[str]:
+    """Ids of the changed rows whose caption text is not the stored one."""
+    both = changed.select("image_id", "caption").join(
+        current.select("image_id", pl.col("caption").alias("_now")), on="image_id")
+    return both.filter(pl.col("caption").ne_missing(pl.col("_now")))["image_id"].to_list()
 
 
 def _schema(images, columns: list[str]) -> pa.Schema:

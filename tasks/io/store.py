@@ -150,7 +150,7 @@ def _hex_ids(image_ids) -> list[str]:
     return sorted({i for i in image_ids if i and _HEX.match(i)})
 
 
-def _id_filters(image_ids) -> Iterator[tuple[int, str]]:
+def id_filters(image_ids) -> Iterator[tuple[int, str]]:
     """``image_id IN (...)`` filters over validated hex ids, a bounded number per filter."""
     ids = _hex_ids(image_ids)
     for i in range(0, len(ids), _IN_CHUNK):
@@ -230,7 +230,7 @@ def image_rows(images, image_ids, columns: list[str]) -> pl.DataFrame:
     """``image_id`` + ``columns`` of the stored rows among ``image_ids`` (never the vectors)."""
     names = ["image_id", *columns]
     parts = [pl.from_arrow(images.search().where(where).select(names).limit(n * 2).to_arrow())
-             for n, where in _id_filters(image_ids)]
+             for n, where in id_filters(image_ids)]
     empty = pl.from_arrow(images.schema.empty_table().select(names))
     return pl.concat([empty, *parts], how="vertical_relaxed")
 
@@ -238,7 +238,7 @@ def image_rows(images, image_ids, columns: list[str]) -> pl.DataFrame:
 def delete_images(images, image_ids) -> int:
     """Delete rows by id (older table versions keep them for time travel)."""
     deleted = 0
-    for n, where in _id_filters(image_ids):
+    for n, where in id_filters(image_ids):
         images.delete(where)
         deleted += n
     return deleted
@@ -293,12 +293,26 @@ def refresh_indexes(tables: Tables, policy: IndexPolicy | None = None) -> list[s
             if column not in have:
                 table.create_index(column, config=config(), replace=True)
                 built.append(f"{table.name}.{column} ({config.__name__})")
-        if kind == "images" and "vector" not in have and rows >= policy.ann_min_rows:
-            parts = max(16, int(rows**0.5))
-            cfg = _ANN[policy.ann_index](distance_type="cosine", num_partitions=parts)
-            table.create_index("vector", config=cfg, replace=True)
-            built.append(f"{table.name}.vector ({policy.ann_index}, {parts} partitions)")
+        if kind == "images":
+            built += _ann_indexes(table, have, rows, policy)
         if have:
             table.optimize(cleanup_older_than=timedelta(days=policy.retention_days))
             built.append(f"{table.name} optimized")
+    return built
+
+
+def _ann_indexes(table, have: set[str], rows: int, policy: IndexPolicy) -> list[str]:
+    """An ANN index per vector column (image and caption spaces) once it holds enough vectors;
+    a caption column counts only its non-null rows."""
+    built = []
+    for column in ("vector", "caption_vector"):
+        if column in have or column not in table.schema.names:
+            continue
+        n = rows if column == "vector" else table.count_rows(f"{column} IS NOT NULL")
+        if n < policy.ann_min_rows:
+            continue
+        parts = max(16, int(n**0.5))
+        cfg = _ANN[policy.ann_index](distance_type="cosine", num_partitions=parts)
+        table.create_index(column, config=cfg, replace=True)
+        built.append(f"{table.name}.{column} ({policy.ann_index}, {parts} partitions)")
     return built

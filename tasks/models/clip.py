@@ -29,6 +29,8 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+#: texts per text-tower call, sorted by length so each call stops at its own longest text
+_TEXT_CHUNK = 32
 TINY_WARNING = (
     "profile 'tiny': the CLIP model has random weights - its vectors are meaningless; "
     "use it for smoke runs and tests only"
@@ -208,11 +210,46 @@ class Clip:
         return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts → L2-normalised float32 (N, dim); sorted by length into chunks so each text
+        tower call stops at its own longest text (``encode_text_trimmed``)."""
         import torch
 
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
             tokens = self.tokenizer(texts).to(self.device)
-            return _normalise(self.model.encode_text(tokens))
+            order = tokens.argmax(dim=-1).argsort()
+            parts = [encode_text_trimmed(self.model, tokens[idx]).float()
+                     for idx in order.split(_TEXT_CHUNK)]
+            out = torch.empty((len(texts), parts[0].shape[1]), device=self.device)
+            out[order] = torch.cat(parts)
+            return _normalise(out)
+
+
+def encode_text_trimmed(model, tokens):
+    """``model.encode_text`` over the batch's longest caption instead of all 77 positions.
+
+    CLIP's text tower is causal and pools at the end-of-text token (the largest id), so the
+    positions after it never reach the result: cutting them gives the same vector (to float
+    rounding) at a fraction of the cost (captions are ~10–30 tokens): what keeps caption vectors
+    inside the ingest's CLIP budget.  Other text towers (non-causal, other pooling) run as is."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    mask = getattr(model, "attn_mask", None)
+    if getattr(model, "text_pool_type", None) != "argmax" or mask is None \
+            or not hasattr(model, "token_embedding"):
+        return model.encode_text(tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :n]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=mask[:n, :n]))
+    x = text_global_pool(x, tokens, "argmax")
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
 
 def quantize_int8(module):

@@ -20,7 +20,11 @@ import pyarrow as pa
 from tasks.io.cluster import BATCH_RETRIES, quiet_ray_data
 from tasks.models import clip as clip_models
 from tasks.models.clip import ClipSpec, load_clip, model_shape
-from tasks.query.retrieve import embed_queries
+from tasks.models.text import TextSpec, load_text, release_text
+from tasks.query.retrieve import TEXT_BATCH, embed_queries
+
+#: modes whose text is also searched in the caption space
+CAPTION_MODES = ("caption", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,28 @@ def embed_plan(plan: pl.DataFrame, spec: ClipSpec, max_pixels: int,
         # load_clip keeps one model per process for the stages that reuse it; here it must go
         del clip
         clip_models.load_clip.cache_clear()
+        release_text()
         release_gpu()
+
+
+def embed_captions(plan: pl.DataFrame, text: TextSpec) -> np.ndarray:
+    """The texts of caption and hybrid rows in the caption space (NaN rows elsewhere).
+
+    Call it before ``embed_plan``: with the CLIP text tower as caption encoder, the model
+    loaded here is the one ``embed_plan`` reuses and then releases."""
+    wanted = (plan["error"].is_null() & plan["text"].is_not_null()
+              & plan["mode"].is_in(list(CAPTION_MODES))).to_numpy()
+    idx = np.flatnonzero(wanted)
+    model = load_text(text)
+    out = np.full((plan.height, model.dim), np.nan, dtype=np.float32)
+    texts = plan["text"].to_list()
+    for start in range(0, len(idx), TEXT_BATCH):
+        rows = idx[start : start + TEXT_BATCH]
+        out[rows] = model.encode([texts[i] for i in rows])
+    if text.encoder != "clip":
+        release_text()
+        release_gpu()
+    return out
 
 
 class QueryEmbedder:

@@ -106,9 +106,20 @@ def _number(value: object) -> float | None:
     return None
 
 
+#: how the context names the spaces a hit was found in (``retrieved[].spaces``)
+SPACE_LABELS = {"image": "image similarity", "caption": "caption meaning",
+                "text": "caption words"}
+
+
+def _found_by(hit: dict) -> str | None:
+    spaces = [SPACE_LABELS[s] for s in hit.get("spaces") or () if s in SPACE_LABELS]
+    return "found by: " + ", ".join(spaces) if spaces else None
+
+
 def _hit_line(n: int, hit: dict, max_caption_chars: int, special: tuple[str, ...] = ()) -> str:
-    """``[n] city: …; scores: safer 5.1, …; caption: …`` with None/NaN fields left out."""
-    parts = []
+    """``[n] found by: …; city: …; scores: safer 5.1, …; caption: …`` with None/NaN fields
+    left out; ``found by`` names the spaces whose ranking found the hit."""
+    parts = [p for p in (_found_by(hit),) if p]
     if hit.get("city"):
         parts.append(f"city: {_truncate(_data(hit['city'], special), 80)}")
     scores = [(c.replace("_", " "), _number(hit.get(c))) for c in SCORE_COLUMNS]

@@ -228,7 +228,7 @@ def _mode(raw: str | None, has_text: bool, has_image: bool, errors: list[str]) -
     if mode not in MODES:
         errors.append(f"unknown mode {raw[:40]!r}; {_MODE_HINT}")
         return None
-    if mode in ("text", "hybrid") and not has_text:
+    if mode in ("text", "caption", "hybrid") and not has_text:
         errors.append(f"mode {mode!r} needs text")
     if mode == "image" and not has_image:
         errors.append("mode 'image' needs an image")

@@ -1,11 +1,14 @@
 """Bulk retrieval at a pinned table version: embed all queries, search many vectors per call.
 
-Text and image queries that share a filter and ``top_k`` go to LanceDB as one matrix search
-(results tagged with ``query_index``); hybrid queries (vector + full-text on captions, fused
-with reciprocal-rank fusion) go one by one; optionally (``rerank_weight`` > 0) a deeper list of
+Text, image and caption queries that share a filter and ``top_k`` go to LanceDB as one matrix
+search (results tagged with ``query_index``): text and image queries against the image vectors,
+caption queries against the caption vectors.  Hybrid queries go one by one: up to three
+rankings (image vectors, caption vectors, full text on captions; ``spaces``) fused by RRF or
+weighted scores (``tasks.query.fusion``); optionally (``rerank_weight`` > 0) a deeper list of
 hybrid candidates (``rerank_depth``) is rescored by CLIP similarity to the query and cut to
-``top_k`` (see ``rerank``).  Filters are applied before ranking (prefilter), so
-every query gets ``top_k`` hits whenever that many rows match.
+``top_k`` (see ``rerank``).  Filters are applied before ranking (prefilter) in every space, so
+every query gets ``top_k`` hits whenever that many rows match.  A table without usable caption
+vectors (``Pinned.caption_note``) searches the other spaces and says why.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tasks.io import store
 from tasks.io.images import Rejected, decode, read_bytes
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import Clip
+from tasks.query.fusion import fuse, parse_spaces
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +37,23 @@ TEXT_BATCH, IMAGE_BATCH = 256, 32
 
 @dataclass
 class Pinned:
-    """The ``images`` table checked out at the version this run reads, for reproducibility."""
+    """The ``images`` table checked out at the version this run reads, for reproducibility.
+
+    ``caption_note``: why its caption space cannot serve this run (None: it can)."""
 
     table: object
     version: int
     name: str
+    caption_note: str | None = None
 
 
 def pin_images(db_uri: str, dim: int, clip_label: str, version: int | None = None,
-               suffix: str | None = None, storage: StorageConfig | None = None) -> Pinned:
-    """Open the model's ``images`` table, refuse another model's vectors, check out a version."""
+               suffix: str | None = None, storage: StorageConfig | None = None,
+               caption_label: str | None = None) -> Pinned:
+    """Open the model's ``images`` table, refuse another model's vectors, check out a version.
+
+    ``caption_label``: the configured caption encoder (None: none), checked against the
+    caption vectors of that version."""
     db = store.connect(db_uri, storage)
     name = table_names(table_suffix(clip_label) if suffix is None else suffix)[0]
     try:
@@ -53,7 +64,26 @@ def pin_images(db_uri: str, dim: int, clip_label: str, version: int | None = Non
     store.check_model(table, dim, clip_label)
     version = version or table.version
     table.checkout(version)
-    return Pinned(table, version, name)
+    return Pinned(table, version, name, caption_note(table, name, caption_label))
+
+
+def caption_note(table, name: str, label: str | None) -> str | None:
+    """Why the caption space is unusable (an old table, no vectors yet, another text model),
+    with what to do; None when it is usable."""
+    fix = "run `mmrag backfill --captions` to add them"
+    if label is None:
+        return "no caption encoder is configured (MMRAG_CAPTION_ENCODER=none)"
+    if "caption_vector" not in table.schema.names:
+        return (f"table '{name}' has no caption vectors (written before images schema version "
+                f"2): {fix}")
+    found = table.search().where("caption_vector IS NOT NULL").select(["caption_model"]) \
+        .limit(1).to_arrow()["caption_model"].to_pylist()
+    if not found:
+        return f"table '{name}' holds no caption vectors yet: {fix}"
+    if found[0] != label:
+        return (f"the caption vectors of '{name}' are by {found[0]}, the configured caption "
+                f"encoder is {label}: {fix} (re-embeds them)")
+    return None
 
 
 def embed_queries(plan: pl.DataFrame, clip: Clip, max_pixels: int) -> tuple[np.ndarray, dict]:
@@ -87,69 +117,137 @@ def _batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 def search_all(pinned: Pinned, plan: pl.DataFrame, vectors: np.ndarray, errors: dict[int, str],
-               search_opts: dict | None = None,
-               timings: dict[int, float] | None = None) -> dict[int, list[dict]]:
-    """row → ranked hits; failures land in ``errors``, per-query milliseconds in ``timings``."""
+               search_opts: dict | None = None, timings: dict[int, float] | None = None,
+               caption_vectors: np.ndarray | None = None,
+               used: dict[int, list[str]] | None = None) -> dict[int, list[dict]]:
+    """row → ranked hits; failures land in ``errors``, per-query milliseconds in ``timings``,
+    the spaces each query searched in ``used``.  ``caption_vectors``: the query texts in the
+    caption space (NaN rows where none), for ``caption`` and ``hybrid`` rows."""
     hits: dict[int, list[dict]] = {}
     timings = {} if timings is None else timings
+    used = {} if used is None else used
+    opts = search_opts or {}
     ready = plan.with_row_index("_i").filter(
         pl.col("error").is_null() & ~pl.col("_i").is_in(list(errors))
     )
-    plain = ready.filter(pl.col("mode") != "hybrid")
-    for (where, top_k), group in plain.group_by("where", "top_k", maintain_order=True):
-        rows, began = group["_i"].to_list(), time.perf_counter()
-        try:
-            found = _vector_search(pinned.table, vectors[rows], where, top_k, search_opts or {})
-            hits.update({rows[q]: found.get(q, []) for q in range(len(rows))})
-        except Exception as e:  # noqa: BLE001 - recorded per query, the run goes on
-            errors.update(dict.fromkeys(rows, f"search failed: {e}"))
-        timings.update(dict.fromkeys(rows, (time.perf_counter() - began) * 1000 / len(rows)))
+    for mode, column, matrix in (("image", "vector", vectors), ("text", "vector", vectors),
+                                 ("caption", "caption_vector", caption_vectors)):
+        rows = ready.filter(pl.col("mode") == mode)
+        if rows.height:
+            _grouped(pinned, rows, column, matrix, vectors, opts, (hits, errors, timings, used))
     for row in ready.filter(pl.col("mode") == "hybrid").iter_rows(named=True):
-        began = time.perf_counter()
+        began, i = time.perf_counter(), row["_i"]
         try:
-            hits[row["_i"]] = _hybrid_search(pinned.table, vectors[row["_i"]], row,
-                                             search_opts or {})
-        except Exception as e:  # noqa: BLE001
-            errors[row["_i"]] = f"hybrid search failed: {e}"
-        timings[row["_i"]] = (time.perf_counter() - began) * 1000
+            cvec = caption_vectors[i] if caption_vectors is not None else None
+            spaces = usable_spaces(pinned, opts, cvec is not None and np.isfinite(cvec).all())
+            hits[i] = fused_search(pinned.table, vectors[i], cvec, row, opts, spaces)
+            used[i] = list(spaces)
+        except Exception as e:  # noqa: BLE001 - recorded per query, the run goes on
+            errors[i] = f"hybrid search failed: {e}"
+        timings[i] = (time.perf_counter() - began) * 1000
     return hits
 
 
-def _vector_search(table, matrix: np.ndarray, where: str | None, top_k: int,
-                   opts: dict) -> dict[int, list[dict]]:
-    query = table.search(matrix if len(matrix) > 1 else matrix[0]).distance_type("cosine")
-    query = _tune(query, opts)
+def _grouped(pinned: Pinned, rows: pl.DataFrame, column: str, matrix: np.ndarray | None,
+             vectors: np.ndarray, opts: dict, out: tuple) -> None:
+    """Matrix searches of one space, one per (filter, top_k) group of rows."""
+    hits, errors, timings, used = out
+    space = "caption" if column == "caption_vector" else "image"
+    for (where, top_k), group in rows.group_by("where", "top_k", maintain_order=True):
+        ids, began = group["_i"].to_list(), time.perf_counter()
+        try:
+            if space == "caption" and (pinned.caption_note or matrix is None):
+                raise ValueError(pinned.caption_note or "no caption query vectors")
+            found = _vector_search(pinned.table, matrix[ids], where, top_k, opts, column,
+                                   vectors[ids])
+            hits.update({ids[q]: found.get(q, []) for q in range(len(ids))})
+            used.update({i: [space] for i in ids})
+        except Exception as e:  # noqa: BLE001 - recorded per query, the run goes on
+            errors.update(dict.fromkeys(ids, f"search failed: {e}"))
+        timings.update(dict.fromkeys(ids, (time.perf_counter() - began) * 1000 / len(ids)))
+
+
+def usable_spaces(pinned: Pinned, opts: dict, has_caption_vector: bool = True,
+                  ) -> tuple[str, ...]:
+    """The hybrid spaces asked for, less the caption space where the table cannot serve it
+    or the query has no caption-space vector (no caption encoder was given)."""
+    spaces = parse_spaces(opts.get("spaces") or "image+caption+text")
+    if "caption" in spaces and (pinned.caption_note or not has_caption_vector):
+        spaces = tuple(s for s in spaces if s != "caption")
+        if not spaces:
+            raise ValueError(pinned.caption_note or "no caption-space query vector")
+    return spaces
+
+
+def _vector_search(table, matrix: np.ndarray, where: str | None, top_k: int, opts: dict,
+                   column: str = "vector",
+                   image_space: np.ndarray | None = None) -> dict[int, list[dict]]:
+    query = table.search(matrix if len(matrix) > 1 else matrix[0], vector_column_name=column)
+    query = _tune(query.distance_type("cosine"), opts)
     if where:
         query = query.where(where, prefilter=True)
-    result = pl.from_arrow(query.select([*HIT_COLUMNS, "_distance"]).limit(top_k).to_arrow())
+    extra = ["vector"] if column != "vector" else []
+    result = pl.from_arrow(query.select([*HIT_COLUMNS, *extra, "_distance"]).limit(top_k)
+                           .to_arrow())
     if "query_index" not in result.columns:
         result = result.with_columns(query_index=pl.lit(0))
-    result = result.with_columns(similarity=(1.0 - pl.col("_distance")).cast(pl.Float32))
-    return {q: _ranked(g.sort("_distance"), "similarity")
-            for (q,), g in result.group_by("query_index")}
+    near = (1.0 - pl.col("_distance")).cast(pl.Float32)
+    if column == "vector":
+        result = result.with_columns(similarity=near, spaces=pl.lit(["image"]),
+                                     caption_similarity=pl.lit(None, pl.Float32))
+        return {q: _ranked(g.sort("_distance"), "similarity")
+                for (q,), g in result.group_by("query_index")}
+    out = {}
+    for (q,), g in result.group_by("query_index"):
+        g = g.sort("_distance").with_columns(caption_similarity=near, spaces=pl.lit(["caption"]))
+        out[q] = _ranked(_with_similarity(g, image_space[q]), "caption_similarity")
+    return out
 
 
-def _hybrid_search(table, vector: np.ndarray, row: dict, opts: dict | None = None) -> list[dict]:
-    opts = opts or {}
+def _with_similarity(frame: pl.DataFrame, vector: np.ndarray) -> pl.DataFrame:
+    """``similarity``: cosine of the query's image-space vector and each hit's image vector."""
+    sims = (np.stack(frame["vector"].to_numpy()) @ vector if frame.height and
+            np.isfinite(vector).all() else np.full(frame.height, np.nan))
+    return frame.with_columns(similarity=pl.Series(sims, dtype=pl.Float32))
+
+
+def fused_search(table, vector: np.ndarray, caption_vector: np.ndarray | None, row: dict,
+                 opts: dict, spaces: tuple[str, ...]) -> list[dict]:
+    """One hybrid query: a ranked list per space, fused (``tasks.query.fusion``), optionally
+    reranked by CLIP similarity, cut to ``top_k``."""
     weight = float(opts.get("rerank_weight") or 0.0)
     depth = max(row["top_k"], int(opts.get("rerank_depth") or 0)) if weight else row["top_k"]
-    query = table.search(query_type="hybrid").vector(vector).text(row["text"])
-    query = _tune(query.distance_type("cosine"), opts)
-    if row["where"]:
-        query = query.where(row["where"], prefilter=True)
-    # no .select(): LanceDB applies one column list to both legs, and a list that names
-    # neither `_distance` nor `_score` is deprecated (a warning per query); the table's
-    # columns are few, so the projection happens here instead
-    result = pl.from_arrow(query.limit(depth).to_arrow())
-    if result.is_empty():
+    legs = [leg for space in spaces
+            if not (leg := _leg(table, space, row, vector, caption_vector, opts, depth))
+            .is_empty()]
+    if not legs:
         return []
-    result = result.select(*HIT_COLUMNS, "vector", "_relevance_score")
-    sims = np.stack(result["vector"].to_numpy()) @ vector
-    result = result.with_columns(similarity=pl.Series(sims, dtype=pl.Float32),
-                                 score=pl.col("_relevance_score").cast(pl.Float32))
+    result = _with_similarity(fuse(pl.concat(legs, how="vertical_relaxed"), opts), vector)
     if weight:
         result = rerank(result, weight)
     return _ranked(result.sort("score", descending=True).head(row["top_k"]), "score")
+
+
+def _leg(table, space: str, row: dict, vector: np.ndarray, caption_vector: np.ndarray | None,
+         opts: dict, depth: int) -> pl.DataFrame:
+    """The candidates of one space: hit columns, image vector, rank, raw score."""
+    if space == "text":
+        query, score = table.search(row["text"], query_type="fts"), pl.col("_score")
+    else:
+        column, query_vector = (("vector", vector) if space == "image"
+                                else ("caption_vector", caption_vector))
+        if query_vector is None or not np.isfinite(query_vector).all():
+            raise ValueError(f"no query vector for the {space} space")
+        query = _tune(table.search(query_vector, vector_column_name=column)
+                      .distance_type("cosine"), opts)
+        score = 1.0 - pl.col("_distance")
+    if row["where"]:
+        query = query.where(row["where"], prefilter=True)
+    found = pl.from_arrow(query.select([*HIT_COLUMNS, "vector", "_score" if space == "text"
+                                        else "_distance"]).limit(depth).to_arrow())
+    return found.select(*HIT_COLUMNS, "vector", space=pl.lit(space),
+                        rank=pl.int_range(1, found.height + 1, dtype=pl.Int32),
+                        raw=score.cast(pl.Float64))
 
 
 def rerank(candidates: pl.DataFrame, weight: float) -> pl.DataFrame:
@@ -180,4 +278,5 @@ def _tune(query, opts: dict):
 def _ranked(frame: pl.DataFrame, score_col: str) -> list[dict]:
     frame = frame.with_columns(score=pl.col(score_col).cast(pl.Float32),
                                rank=pl.int_range(1, frame.height + 1, dtype=pl.Int32))
-    return frame.select("rank", *HIT_COLUMNS, "similarity", "score").to_dicts()
+    return frame.select("rank", *HIT_COLUMNS, "similarity", "score", "caption_similarity",
+                        "spaces").to_dicts()

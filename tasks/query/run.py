@@ -25,8 +25,9 @@ from tasks.io import atomic
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, model_shape
 from tasks.models.engines import EngineConfig
+from tasks.models.text import TextSpec
 from tasks.query.boxes import Tile, parse_boxes
-from tasks.query.embed import RayEmbed, embed_plan
+from tasks.query.embed import CAPTION_MODES, RayEmbed, embed_captions, embed_plan
 from tasks.query.generate import GenerateOptions, generate
 from tasks.query.grid import GRID_SIZE
 from tasks.query.prompts import parse_citations
@@ -38,18 +39,24 @@ __all__ = ["GRID_SIZE", "respond", "retrieve", "summary"]
 
 def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_pixels: int,
              search_opts: dict | None = None, suffix: str | None = None,
-             storage: StorageConfig | None = None, ray_embed: RayEmbed | None = None) -> dict:
+             storage: StorageConfig | None = None, ray_embed: RayEmbed | None = None,
+             text: TextSpec | None = None) -> dict:
     """Embed and search every good query at one pinned version; write hits next to the plan.
 
     Large plans are embedded in Ray (``ray_embed``); the CLIP model is released either way
-    before this returns, so the generation engine starts on a GPU without it."""
+    before this returns, so the generation engine starts on a GPU without it.  ``text``: the
+    caption encoder (None: no caption space).  Each row's ``search_options`` records the
+    spaces it searched."""
     plan = pl.read_parquet(plan_path)
-    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label, suffix=suffix, storage=storage)
+    pinned = pin_images(db_uri, model_shape(spec)[0], spec.label, suffix=suffix, storage=storage,
+                        caption_label=text.label if text else None)
     start = time.perf_counter()
+    captions = _caption_vectors(plan, pinned, text)
     vectors, errors = embed_plan(plan, spec, max_pixels, ray_embed)
     embed_ms = (time.perf_counter() - start) * 1000 / max(plan.height, 1)
     timings: dict[int, float] = {}
-    hits = search_all(pinned, plan, vectors, errors, search_opts, timings)
+    used: dict[int, list[str]] = {}
+    hits = search_all(pinned, plan, vectors, errors, search_opts, timings, captions, used)
     retrieved = pa.array([hits.get(i, []) for i in range(plan.height)], pa.list_(RETRIEVED_TYPE))
     stage = [("query" if e else ("retrieve" if i in errors else None))
              for i, e in enumerate(plan["error"].to_list())]
@@ -59,13 +66,35 @@ def retrieve(plan_path: Path, out_path: Path, db_uri: str, spec: ClipSpec, max_p
         error_stage=pl.Series(stage, dtype=pl.String),
         table_version=pl.lit(pinned.version, pl.Int64),
         images_table=pl.lit(pinned.name), clip_model=pl.lit(spec.label), db=pl.lit(db_uri),
-        search_options=pl.lit(json.dumps(search_opts or {}, sort_keys=True)),
+        search_options=pl.Series([_options(search_opts, used.get(i), pinned.caption_note)
+                                  for i in range(plan.height)], dtype=pl.String),
         retrieval_ms=pl.Series([embed_ms + timings[i] if i in timings else None
                                 for i in range(plan.height)], dtype=pl.Float32),
     ).to_arrow().append_column("retrieved", retrieved)
     atomic.write_parquet(out, out_path)
     return {"queries": plan.height, "bad_rows": int(plan["error"].is_not_null().sum()),
             "retrieve_errors": len(errors), "table_version": pinned.version}
+
+
+def _caption_vectors(plan: pl.DataFrame, pinned, text: TextSpec | None):
+    """The caption-space query vectors, when a row needs them and the table can serve them."""
+    needs = plan.filter(pl.col("error").is_null(), pl.col("mode").is_in(list(CAPTION_MODES)))
+    if text is None or not needs.height:
+        return None
+    if pinned.caption_note:
+        log.warning("caption space unavailable: %s; hybrid queries search the other spaces, "
+                    "caption queries fail", pinned.caption_note)
+        return None
+    return embed_captions(plan, text)
+
+
+def _options(opts: dict | None, spaces: list[str] | None, note: str | None) -> str:
+    """The search knobs as JSON, with the spaces this query searched (and, when the caption
+    space was left out, why)."""
+    out = dict(opts or {}) | {"spaces_used": spaces or []}
+    if note and "caption" in str(out.get("spaces", "")) and spaces and "caption" not in spaces:
+        out["caption_note"] = note
+    return json.dumps(out, sort_keys=True)
 
 
 def respond(retrieved_path: Path, engine: EngineConfig, vlm_model: str, run_id: str,

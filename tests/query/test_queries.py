@@ -97,7 +97,8 @@ def test_good_rows(root):
 def test_every_row_error_keeps_the_good_rows(root):
     bad = {
         "none": ({"city": "Paris"}, "row has no text and no image"),
-        "mode": ({"text": "a", "mode": "fuzzy"}, "unknown mode 'fuzzy'; use text, image or hybrid"),
+        "mode": ({"text": "a", "mode": "fuzzy"},
+                 "unknown mode 'fuzzy'; use text, image, caption or hybrid"),
         "needimg": ({"text": "a", "mode": "image"}, "mode 'image' needs an image"),
         "needtxt": ({"image": "imgs/a.jpg", "mode": "hybrid"}, "mode 'hybrid' needs text"),
         "nan": ({"text": "a", "min_safer": "nan"}, "min_safer must be a finite number, got 'nan'"),

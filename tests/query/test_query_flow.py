@@ -81,11 +81,16 @@ def test_hybrid_finds_the_caption_match(world):
     table = lancedb.connect(settings.db).open_table("images")
     table.update(where=f"image_id = '{target}'", values={"caption": f"a {word} here"})
     table.create_index("caption", config=__import__("lancedb").index.FTS(), replace=True)
-    settings = settings.model_copy(update={"engine": "none"})
+    # the two-space hybrid (image vectors + full text): with the caption space too, two random
+    # spaces agreeing on other rows can outvote a hit only full text finds (RRF at top_k 3)
+    settings = settings.model_copy(update={"engine": "none", "hybrid_spaces": "image+text"})
     query_flow.fn(_queries(base, [{"query_id": "h", "text": word, "mode": "hybrid",
                                    "top_k": 3}]), settings, "run-h", None)
-    hit = _answers(settings, "run-h")["retrieved"][0]
+    answer = _answers(settings, "run-h")
+    hit = answer["retrieved"][0]
     assert target in [h["image_id"] for h in hit]
+    assert "text" in next(h["spaces"] for h in hit if h["image_id"] == target)
+    assert json.loads(answer["search_options"][0])["spaces_used"] == ["image", "text"]
 
 
 def test_engine_none_rerun_replaces_and_version_is_pinned(world):
