@@ -10,9 +10,10 @@ a real checkpoint takes.  Its vectors are meaningless but deterministic (fixed s
 from __future__ import annotations
 
 import shutil
+import string
 from pathlib import Path
 
-BUILD_NAME = "tiny-text-v1"
+BUILD_NAME = "tiny-text-v2"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _WORDS = """
 street road avenue lane boulevard alley path sidewalk crossing bridge tunnel square plaza park
@@ -62,18 +63,25 @@ def _build(out: Path, seed: int) -> None:
     shutil.rmtree(bert_dir)
 
 
+def _vocab() -> dict[str, int]:
+    """Special tokens, every character (alone and as a ``##`` continuation), then the words of
+    ``_WORDS``: built, not trained, so the same on every machine (the WordPiece trainer orders
+    equal-count pieces differently from run to run)."""
+    words = sorted(set(_WORDS.lower().split()))
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits))
+    tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars), *words]
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+
+
 def _train_tokenizer():
-    """A lower-casing WordPiece tokenizer trained on ``_WORDS``, as a fast BERT tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-casing WordPiece tokenizer over ``_vocab()``, as a fast BERT tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     unk, pad, cls_, sep_, mask = SPECIAL_TOKENS[1], *SPECIAL_TOKENS[:1], *SPECIAL_TOKENS[2:]
-    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok = Tokenizer(models.WordPiece(vocab=_vocab(), unk_token=unk))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
-    tok.train_from_iterator(_WORDS.split(), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",

@@ -52,8 +52,12 @@ def test_sample_dump_ingest_then_query(tmp_path, cache_dir):
     first = _run(["ingest", str(dump)], tmp_path, cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "random-weight CLIP" in first.stdout and "rejected: decode=4" in first.stdout
+    assert "Started a local Ray instance" in first.stderr  # started beside Prefect's server
     t = tables(str(tmp_path / "db"))
     assert t["images"].height >= 12 and t["rejects"].height > 0
+    again = _run(["ingest", str(dump)], tmp_path, cache_dir)
+    assert again.returncode == 0 and ", 0 read" in again.stdout, again.stderr[-3000:]
+    assert "Ray" not in again.stderr, "a run with nothing new must not start Ray"
     queries = tmp_path / "q.jsonl"
     assert _run(["sample-queries", str(queries), "--dump", str(dump)], tmp_path,
                 cache_dir).returncode == 0

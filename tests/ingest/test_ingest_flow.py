@@ -11,13 +11,21 @@ import polars as pl
 import pytest
 from conftest import tables
 
-from flows.ingest import ingest_flow
+from flows import config
+from flows.ingest import ingest_flow, warm_up
+from tasks.ingest.run import has_new_files as _has_new_files
+from tasks.models.clip import model_shape
 
 pytestmark = pytest.mark.slow
 
 
 def ingest(source, settings) -> dict:
     return ingest_flow.fn(str(source), settings)
+
+
+def has_new_files(source: str, settings) -> bool:
+    spec = config.clip_spec(settings)
+    return _has_new_files(source, settings.db, spec, model_shape(spec)[0])
 
 
 @pytest.fixture
@@ -27,7 +35,11 @@ def dump(sample_dump, tmp_path):
     return root
 
 
-def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session):
+def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session, monkeypatch):
+    started = []
+    monkeypatch.setattr("flows.ingest.init_ray", started.append)
+    assert warm_up(str(dump), settings) and len(started) == 1, "new files: Ray starts early"
+    monkeypatch.undo()
     first = ingest(dump, settings)
     assert (first["seen"], first["todo"], first["ingested"]) == (24, 24, 24)
     t = tables(settings.db)
@@ -41,6 +53,8 @@ def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session):
     assert (img["width"] == 640).all() and (img["height"] == 480).all()
 
     versions = _versions(settings.db)
+    monkeypatch.setattr("flows.ingest.init_ray", started.append)
+    assert not warm_up(str(dump), settings) and len(started) == 1, "nothing new: no Ray"
     second = ingest(dump, settings)
     assert (second["unchanged"], second["todo"]) == (24, 0)
     assert _versions(settings.db) == versions, "a no-op re-run must not write anything"
@@ -60,8 +74,10 @@ def test_new_and_changed_files_are_picked_up(dump, settings, ray_session, tmp_pa
     shutil.copy(next((extra / "images").rglob("*.JPG")), changed)
     os.utime(changed, (time.time() + 5, time.time() + 5))
 
+    assert has_new_files(str(dump), settings)
     summary = ingest(dump, settings)
     assert summary["todo"] == 4 and summary["unchanged"] == 23
+    assert not has_new_files(str(dump), settings)
     t = tables(settings.db)
     assert t["files"].height == 27
     row = t["files"].filter(pl.col("source_uri") == str(changed))
