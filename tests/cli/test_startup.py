@@ -35,9 +35,9 @@ def test_a_failed_start_is_raised_in_the_caller(no_api_url):
     def start():
         raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server")
 
-    with pytest.raises(RuntimeError, match="ephemeral Prefect API server"):
-        with prefect_server_in_background(start):
-            pass
+    with (pytest.raises(RuntimeError, match="ephemeral Prefect API server"),
+          prefect_server_in_background(start)):
+        pass
 
 
 def test_a_running_server_is_reused_and_nothing_starts():
