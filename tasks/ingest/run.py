@@ -143,7 +143,7 @@ def _unchanged(listing: pa.Table, tables: store.Tables, uri_root: str,
     if _new_listed(listing, known):
         return False
     mine = known.filter(in_dump(uri_root))
-    if mine.join(pl.from_arrow(listing.select("source_uri")), on="source_uri",
+    if mine.join(pl.from_arrow(listing.select(["source_uri"])), on="source_uri",
                  how="anti").height:
         return False
     state = store.source_state(tables.sources, uri_root)
