@@ -88,16 +88,12 @@ def text_rate(captions: list[str], ckpt: str, precision: str) -> float:
 def dump_captions(dump: Path, n: int) -> list[str]:
     """The captions ingest embeds (metadata's list of sentences joined, as metadata parsing
     does)."""
+    from tasks.ingest.discover import open_source
     from tasks.ingest.metadata import load_metadata
 
-    frame = load_metadata(*_local(dump)).frame
+    filesystem, root, _ = open_source(str(dump))
+    frame = load_metadata(filesystem, root).frame
     return [c for c in frame["caption"].drop_nulls().to_list() if c.strip()][:n]
-
-
-def _local(dump: Path):
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem(), str(dump.resolve()), ""
 
 
 def cli_ingest(dump: Path, ckpt: str, precision: str = "auto", work: Path | None = None

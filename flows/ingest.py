@@ -22,6 +22,7 @@ from flows.progress import progress
 from mmrag.settings import Settings
 from tasks.ingest import run as ingest
 from tasks.io.cluster import init_ray
+from tasks.io.objstore import is_local
 from tasks.models.clip import TINY_WARNING, model_shape
 
 
@@ -67,7 +68,13 @@ def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str) -> d
 
 def warm_up(source: str, settings: Settings) -> bool:
     """Start Ray now when SOURCE has files to read, so that the CLI overlaps it with Prefect's
-    start-up; a run with nothing new never starts Ray.  True when Ray was started (or joined)."""
+    start-up; a run with nothing new never starts Ray.  True when Ray was started (or joined).
+
+    Local dumps only: the check lists the dump once more, which a local folder does in well
+    under a second, while listing a large bucket can take longer than the start it would hide
+    (such runs start Ray when they reach the embedding step, as before)."""
+    if not is_local(source):
+        return False
     spec = config.clip_spec(settings)
     if not ingest.has_new_files(source, settings.db, spec, model_shape(spec)[0],
                                 settings.table_suffix, config.storage(settings)):
