@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.io import atomic
+from tasks.models.precision import cpu_has_bf16, pick_dtype  # noqa: F401 - the API
 
 log = logging.getLogger(__name__)
 
@@ -125,30 +126,6 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: pure bf16 is ~4x fp32 on such CPUs (ViT-B-32, batch 64: ~40-80 vs
-    ~10-16 img/s measured on a 2-core AMD EPYC with AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(precision: str, device: str):
-    """The dtype the model computes in; int8 quantises the image tower's linear layers and
-    computes the rest in fp32 (CPU only)."""
-    import torch
-
-    if precision == "int8":
-        if device != "cpu":
-            raise ValueError("precision int8 is a CPU option; use fp16 on a GPU")
-        return torch.float32
-    if precision == "auto":
-        precision = "fp16" if device == "cuda" else "bf16" if cpu_has_bf16() else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Clip:
