@@ -7,7 +7,8 @@ order ``mmrag --help`` lists them (the pipeline's order).
 # isort: off
 from mmrag.cli.app import app
 from mmrag.cli import ingest, query, backfill, ops, evaluate, report, adapt  # noqa: F401
+from mmrag.cli.exit import main
 
 # isort: on
 
-__all__ = ["app"]
+__all__ = ["app", "main"]

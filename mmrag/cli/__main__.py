@@ -1,5 +1,5 @@
 """``python -m mmrag.cli``: the same commands as the ``mmrag`` script."""
 
-from mmrag.cli import app
+from mmrag.cli import main
 
-app()
+main()

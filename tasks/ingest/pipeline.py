@@ -18,6 +18,7 @@ from tasks.io.cluster import BATCH_RETRIES, quiet_ray_data
 from tasks.io.images import decode_batch
 from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, load_clip
+from tasks.models.startup import uses_transformers, without_transformers
 from tasks.models.text import TextSpec, load_text
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class ClipEmbedder:
     embeds the rows that decoded and their captions, passes the others through."""
 
     def __init__(self, spec: ClipSpec, threads: int | None = None, text: TextSpec | None = None):
+        if (text is None or text.encoder == "clip") and not uses_transformers(
+                spec.model, spec.config_dir):
+            without_transformers()
         import torch
 
         if threads:

@@ -7,6 +7,7 @@ config + safetensors checkpoint) and loads it through exactly the code path real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import numpy as np
 
 from tasks.io import atomic
 from tasks.models.precision import cpu_has_bf16, pick_dtype  # noqa: F401 - the API
+from tasks.models.startup import config_json, skip_random_init
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,10 @@ class Clip:
         if spec.config_dir:
             open_clip.add_model_config(spec.config_dir)
         self.device = _device() if spec.device == "auto" else spec.device
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=spec.pretrained, device=self.device
-        )
+        with skip_random_init() if spec.pretrained else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=spec.pretrained, device=self.device
+            )
         self.spec, self.dtype = spec, pick_dtype(spec.precision, self.device)
         self.model = model.to(self.dtype).eval()
         if spec.precision == "int8":
@@ -276,7 +279,7 @@ def model_shape(spec: ClipSpec) -> tuple[int, int]:
     """(embedding width, decode size) from the model config, without building the model, and
     without importing open_clip when the config JSON can be read directly.  The decode size is
     the model's input size, times the largest zoom for multi-scale specs."""
-    cfg = _config_json(spec)
+    cfg = config_json(spec.model, spec.config_dir)
     if cfg is None:
         import open_clip
 
@@ -288,17 +291,3 @@ def model_shape(spec: ClipSpec) -> tuple[int, int]:
     size = cfg["vision_cfg"].get("image_size", 224)
     size = int(size[0] if isinstance(size, list | tuple) else size)
     return int(cfg["embed_dim"]), input_size(size, spec.scales)
-
-
-def _config_json(spec: ClipSpec) -> dict | None:
-    import importlib.util
-
-    dirs = [Path(spec.config_dir)] if spec.config_dir else []
-    found = importlib.util.find_spec("open_clip")
-    if found and found.submodule_search_locations:
-        dirs += [Path(p) / "model_configs" for p in found.submodule_search_locations]
-    for d in dirs:
-        path = d / f"{spec.model}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
