@@ -33,8 +33,7 @@ class ClipEmbedder:
     embeds the rows that decoded and their captions, passes the others through."""
 
     def __init__(self, spec: ClipSpec, threads: int | None = None, text: TextSpec | None = None):
-        if (text is None or text.encoder == "clip") and not uses_transformers(
-                spec.model, spec.config_dir):
+        if not needs_transformers(spec, text):
             without_transformers()
         import torch
 
@@ -75,6 +74,13 @@ class ClipEmbedder:
             except Exception:  # noqa: BLE001 - captions are refreshed later; images go on
                 log.exception("caption batch failed; its captions stay unembedded")
         return out
+
+
+def needs_transformers(spec: ClipSpec, text: TextSpec | None) -> bool:
+    """Whether a CLIP actor for SPEC (and caption encoder TEXT) needs Hugging Face
+    ``transformers``: an HF text tower, or a caption encoder other than CLIP's own."""
+    return (text is not None and text.encoder != "clip") or uses_transformers(spec.model,
+                                                                            spec.config_dir)
 
 
 def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
