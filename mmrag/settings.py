@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         "per image, e.g. [1, 2] (1 = off; a separate table set; see docs/guide/ingest.md)"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="model precision; auto = fastest safe choice for the device; int8 = "
+        "auto", description="model precision; auto = fp16 on GPU, on CPU bf16 only where it "
+        "is measured faster than fp32 (kept per CPU in the cache dir); int8 = "
         "dynamically quantised image tower on CPU (opt-in; its own table set)"
     )
     batch_size: int = Field(
@@ -204,7 +205,8 @@ class Settings(BaseSettings):
     table_suffix: str | None = Field(
         None, description="table-set suffix; None = derived from the CLIP model"
     )
-    cache_dir: str = Field(default_factory=_default_cache, description="tiny models, Ray temp")
+    cache_dir: str = Field(default_factory=_default_cache,
+                           description="tiny models, Ray temp, the CPU precision measurement")
     work_dir: str = Field("./data/work", description="per-run scratch files (listings, plans)")
 
     @model_validator(mode="after")
