@@ -99,6 +99,9 @@ class Settings(BaseSettings):
         None, ge=1, description="torch threads per CLIP actor (None = node CPUs / actors)"
     )
     decode_cpus: float = Field(0.2, gt=0, description="CPUs reserved per decode task")
+    ingest_prestart: bool = Field(
+        True, description="mmrag ingest starts the embedding pipeline (CLIP actors) while the "
+        "flow plans, instead of after (local dumps with new files)")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="decompression-bomb guard: larger images are rejected"
     )

@@ -50,7 +50,7 @@ def ingest(
     """Embed the new images under SOURCE into LanceDB and apply what changed (metadata, deleted
     and moved files): incremental, idempotent."""
     settings = settings_from(ctx)
-    from flows.ingest import ingest_flow, warm_up
+    from flows.ingest import cool_down, ingest_flow, warm_up
     from tasks.ingest.changes import DeletionRefused
     from tasks.ingest.discover import SourceError
     from tasks.ingest.pipeline import PipelineError
@@ -62,6 +62,8 @@ def ingest(
                            warm=lambda: warm_up(source, settings))
     except (SourceError, StoreError, PipelineError, DeletionRefused) as e:
         fatal(str(e))
+    finally:
+        cool_down()
     print_summary(summary)
 
 

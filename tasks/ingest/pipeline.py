@@ -8,8 +8,11 @@ dropped.  Only paths and small metadata go in; vectors come out, pixels never le
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -83,37 +86,95 @@ def needs_transformers(spec: ClipSpec, text: TextSpec | None) -> bool:
                                                                             spec.config_dir)
 
 
-def embed_files(todo: pa.Table, spec: ClipSpec, *, image_size: int, max_pixels: int,
-                batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
-                decode_cpus: float, out_rows: int, threads: int | None = None,
-                storage: StorageConfig | None = None, reduced_decode: bool = True,
-                text: TextSpec | None = None) -> Iterator[pa.Table]:
-    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector
-    (and ``caption_vector`` when a caption encoder ``text`` is given).
+@dataclass(frozen=True)
+class Layout:
+    """How many CLIP actors, rows per decode task and rows per input block, for N rows."""
 
-    ``storage`` (endpoint, region, driver credentials) is shipped to the decode tasks."""
+    actors: int
+    decode_rows: int
+    block: int
+
+    @classmethod
+    def of(cls, rows: int, actors: int, batch_size: int, decode_batch_size: int) -> Layout:
+        # no more CLIP actors than model batches: each actor pays a model load at start-up
+        actors = max(1, min(actors, -(-rows // batch_size)))
+        decode_rows = max(1, min(decode_batch_size, -(-rows // actors)))
+        return cls(actors, decode_rows, max(decode_rows, min(64, -(-rows // actors))))
+
+
+def embed_files(todo: pa.Table, spec: ClipSpec, **opts) -> Iterator[pa.Table]:
+    """Stream ``todo`` rows back as Arrow tables with image_id/width/height/stage/error/vector
+    (and ``caption_vector`` when a caption encoder ``text`` is given).  ``opts``: see
+    ``_embedded``; ``storage`` (endpoint, region, driver credentials) is shipped to the decode
+    tasks."""
     import ray
 
     if todo.num_rows == 0:
         return
+    layout = Layout.of(todo.num_rows, opts["actors"], opts["batch_size"],
+                       opts["decode_batch_size"])
+    blocks = [todo.slice(i, layout.block) for i in range(0, todo.num_rows, layout.block)]
+    yield from _embedded(ray.data.from_arrow(blocks), layout, spec, **opts)
+
+
+def embed_when_planned(handoff: str, expected: int, spec: ClipSpec, *, wait_s: float,
+                       **opts) -> Iterator[pa.Table]:
+    """The same pipeline, started before its plan exists, so that the CLIP actors load while
+    the flow plans: the input blocks are read from the plan file at ``handoff`` once it
+    appears (``expected`` ≥ its rows: the new files the ledger does not know).  A file
+    ``handoff + ".cancel"`` ends it with no rows; ``wait_s`` bounds the wait."""
+    import ray
+
     quiet_ray_data()
-    # no more CLIP actors than model batches: each actor pays a model load at start-up
-    actors = max(1, min(actors, -(-todo.num_rows // batch_size)))
-    decode_rows = max(1, min(decode_batch_size, -(-todo.num_rows // actors)))
-    block = max(decode_rows, min(64, -(-todo.num_rows // actors)))
-    blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
+    layout = Layout.of(max(1, expected), opts["actors"], opts["batch_size"],
+                       opts["decode_batch_size"])
+    shards = -(-max(1, expected) // layout.block)
+    ds = ray.data.range(shards, override_num_blocks=shards).map_batches(
+        partial(read_plan_shard, handoff=handoff, block=layout.block, wait_s=wait_s),
+        batch_size=1, batch_format="numpy", num_cpus=opts["decode_cpus"],
+        max_retries=BATCH_RETRIES)
+    yield from _embedded(ds, layout, spec, **opts)
+
+
+def read_plan_shard(batch: dict[str, np.ndarray], handoff: str, block: int,
+                    wait_s: float) -> pa.Table:
+    """Ray Data task: rows ``[i * block, (i + 1) * block)`` of the plan (without ``escape``, as
+    the driver passes them), once the plan is at ``handoff``; no rows when it is cancelled."""
+    import polars as pl
+
+    path, cancel = Path(handoff), Path(handoff + ".cancel")
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if cancel.exists():
+            return pa.table({})
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no plan at {handoff} after {wait_s:.0f} s")
+        time.sleep(0.05)
+    plan = pl.read_parquet(path).drop("escape", strict=False).to_arrow()
+    return plan.slice(int(batch["id"][0]) * block, block)
+
+
+def _embedded(ds, layout: Layout, spec: ClipSpec, *, image_size: int, max_pixels: int,
+              batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
+              decode_cpus: float, out_rows: int, threads: int | None = None,
+              storage: StorageConfig | None = None, reduced_decode: bool = True,
+              text: TextSpec | None = None) -> Iterator[pa.Table]:
+    """Decode tasks, then the CLIP actor pool, over the input dataset ``ds``."""
+    import ray
+
+    quiet_ray_data()
     gpus = 1 if spec.device == "cuda" or (
         spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
-    ds = ray.data.from_arrow(blocks).map_batches(
+    ds = ds.map_batches(
         partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage,
                 reduced=reduced_decode),
-        batch_size=decode_rows, batch_format="numpy", num_cpus=decode_cpus,
+        batch_size=layout.decode_rows, batch_format="numpy", num_cpus=decode_cpus,
         max_retries=BATCH_RETRIES,
     )
     ds = ds.map_batches(
         ClipEmbedder, fn_constructor_kwargs={"spec": spec, "text": text,
                                              "threads": threads or _threads(actor_cpus)},
-        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=layout.actors), batch_size=batch_size,
         batch_format="numpy", num_cpus=actor_cpus, num_gpus=gpus, max_task_retries=BATCH_RETRIES,
     )
     try:

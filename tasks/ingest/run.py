@@ -19,6 +19,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from tasks.ingest import prestart
 from tasks.ingest.changes import (
     Applied,
     ChangeOptions,
@@ -115,12 +116,40 @@ def meta_path(plan_path: Path) -> Path:
 
 def has_new_files(source: str, db_uri: str, spec: ClipSpec, dim: int,
                   suffix: str | None = None, storage: StorageConfig | None = None) -> bool:
-    """Whether SOURCE holds a file the ledger does not know as it is (new, or its bytes
-    changed): the cheap question a command asks before starting workers it may not need.
-    Moved files count as new here (only planning tells them apart); nothing is written."""
+    """Whether SOURCE holds a file the ledger does not know as it is."""
+    return new_file_count(source, db_uri, spec, dim, suffix, storage) > 0
+
+
+def new_file_count(source: str, db_uri: str, spec: ClipSpec, dim: int,
+                   suffix: str | None = None, storage: StorageConfig | None = None) -> int:
+    """Files in SOURCE the ledger does not know as they are (new, or their bytes changed): the
+    cheap question a command asks before starting workers it may not need, and an upper bound
+    of what the plan will embed.  Moved files count here (only planning tells them apart);
+    nothing is written."""
     listing = list_dump(source, storage)
     lazy = store.ledger(store.open_tables(db_uri, dim, spec.label, suffix, storage).files)
-    return (_new_listed(listing, _known(lazy)) if lazy is not None else listing.num_rows) > 0
+    return _new_listed(listing, _known(lazy)) if lazy is not None else listing.num_rows
+
+
+def pipeline_args(spec: ClipSpec, opts: dict, storage: StorageConfig | None) -> dict:
+    """What ``embed_files`` takes besides the rows: the pipeline settings, the model's input
+    size, the storage the decode tasks read through."""
+    from tasks.models.clip import model_shape
+
+    return dict(opts, image_size=model_shape(spec)[1],
+                storage=StorageConfig() if storage is None else storage)
+
+
+def prestart_key(db_uri: str, spec: ClipSpec, args: dict) -> tuple:
+    """Which runs may use a pipeline started ahead of the plan: same database, model, settings."""
+    return db_uri, spec, repr(sorted(args.items()))
+
+
+def prestart_embedding(expected: int, db_uri: str, spec: ClipSpec, work_dir: str, opts: dict,
+                       storage: StorageConfig | None = None) -> None:
+    """Start the embedding pipeline now (Ray is up), for a plan ``process`` will hand it."""
+    args = pipeline_args(spec, opts, storage)
+    prestart.start(prestart_key(db_uri, spec, args), work_dir, expected, spec, args)
 
 
 def _known(lazy: pl.LazyFrame) -> pl.DataFrame:
@@ -207,6 +236,22 @@ def dump_root(todo: pl.DataFrame) -> str:
     return uri[: len(uri) - len(rel) - 1]
 
 
+def _stream(plan_path: Path, todo: pl.DataFrame, db_uri: str, spec: ClipSpec, args: dict):
+    """The pipeline started ahead of this plan, fed with it, if the command started one for
+    the same database, model and settings; else a new one over the plan's rows."""
+    from tasks.ingest.pipeline import embed_files
+
+    pending = prestart.take(prestart_key(db_uri, spec, args))
+    if pending is None:
+        yield from embed_files(todo.drop("escape").to_arrow(), spec, **args)
+        return
+    pending.feed(plan_path)
+    try:
+        yield from pending.stream()
+    finally:
+        pending.close()
+
+
 def read_meta(plan_path: Path) -> pl.DataFrame | None:
     path = meta_path(plan_path)
     return pl.read_parquet(path) if path.exists() else None
@@ -220,17 +265,14 @@ def process(plan_path: Path, db_uri: str, spec: ClipSpec, run_id: str, opts: dic
             progress=None, suffix: str | None = None, storage: StorageConfig | None = None,
             policy: store.IndexPolicy | None = None) -> IngestCounts:
     """Stream the plan through Ray; commit chunk by chunk; ``progress(n_done)`` after each."""
-    from tasks.ingest.pipeline import embed_files
     from tasks.models.clip import model_shape
 
-    dim, size = model_shape(spec)
-    storage = StorageConfig() if storage is None else storage
-    tables = store.open_tables(db_uri, dim, spec.label, suffix, storage)
+    args = pipeline_args(spec, opts, storage)
+    tables = store.open_tables(db_uri, model_shape(spec)[0], spec.label, suffix,
+                               args["storage"])
     todo = pl.read_parquet(plan_path)
     start, counts = time.perf_counter(), Counter()
-    stream = embed_files(todo.drop("escape").to_arrow(), spec, image_size=size,
-                         storage=storage, **opts)
-    for chunk in stream:
+    for chunk in _stream(plan_path, todo, db_uri, spec, args):
         with store.writer_lock(db_uri, tables.images.name):
             counts += commit_chunk(tables, chunk, spec.label, run_id)
         if progress:
