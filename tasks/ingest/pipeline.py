@@ -19,7 +19,6 @@ import pyarrow as pa
 
 from tasks.io.cluster import BATCH_RETRIES, quiet_ray_data
 from tasks.io.images import decode_batch
-from tasks.io.objstore import StorageConfig
 from tasks.models.clip import ClipSpec, load_clip
 from tasks.models.startup import uses_transformers, without_transformers
 from tasks.models.text import TextSpec, load_text
@@ -120,26 +119,41 @@ def embed_files(todo: pa.Table, spec: ClipSpec, **opts) -> Iterator[pa.Table]:
 def embed_when_planned(handoff: str, expected: int, spec: ClipSpec, *, wait_s: float,
                        **opts) -> Iterator[pa.Table]:
     """The same pipeline, started before its plan exists, so that the CLIP actors load while
-    the flow plans: the input blocks are read from the plan file at ``handoff`` once it
+    the flow plans: each decode task reads its rows from the plan file at ``handoff`` once it
     appears (``expected`` ≥ its rows: the new files the ledger does not know).  A file
-    ``handoff + ".cancel"`` ends it with no rows; ``wait_s`` bounds the wait."""
+    ``handoff + ".cancel"`` ends it with no rows; ``wait_s`` bounds the wait.
+
+    Reading is part of the decode tasks, not a stage of its own: on 2 cores the CLIP actors
+    leave room for one task at a time, and Ray Data splits what is left between task stages,
+    so a separate read stage and the decode stage could each get too little to run one task."""
     import ray
 
     quiet_ray_data()
     layout = Layout.of(max(1, expected), opts["actors"], opts["batch_size"],
                        opts["decode_batch_size"])
     shards = -(-max(1, expected) // layout.block)
-    ds = ray.data.range(shards, override_num_blocks=shards).map_batches(
-        partial(read_plan_shard, handoff=handoff, block=layout.block, wait_s=wait_s),
-        batch_size=1, batch_format="numpy", num_cpus=opts["decode_cpus"],
-        max_retries=BATCH_RETRIES)
-    yield from _embedded(ds, layout, spec, **opts)
+    read = partial(read_and_decode, handoff=handoff, block=layout.block, wait_s=wait_s,
+                   decode=_decoder(opts))
+    # one block per shard, made in the driver like ``embed_files``'s blocks: ``ray.data.range``
+    # would add read tasks of 1 CPU each, which never find room beside 2 actors on 2 cores
+    ds = ray.data.from_arrow([pa.table({"id": [i]}) for i in range(shards)])
+    yield from _embedded(ds, Layout(layout.actors, 1, layout.block), spec, decode=read, **opts)
+
+
+def read_and_decode(batch: dict[str, np.ndarray], handoff: str, block: int, wait_s: float,
+                    decode) -> dict:
+    """Ray Data task: decode rows ``[i * block, (i + 1) * block)`` of the plan at ``handoff``."""
+    rows = read_plan_shard(batch, handoff, block, wait_s)
+    if not rows.num_columns:
+        return decode({"source_uri": np.array([], dtype=object)})
+    return decode({name: rows.column(name).to_numpy(zero_copy_only=False)
+                   for name in rows.column_names})
 
 
 def read_plan_shard(batch: dict[str, np.ndarray], handoff: str, block: int,
                     wait_s: float) -> pa.Table:
-    """Ray Data task: rows ``[i * block, (i + 1) * block)`` of the plan (without ``escape``, as
-    the driver passes them), once the plan is at ``handoff``; no rows when it is cancelled."""
+    """Rows ``[i * block, (i + 1) * block)`` of the plan (without ``escape``, as the driver
+    passes them), once the plan is at ``handoff``; no rows (no columns) when cancelled."""
     import polars as pl
 
     path, cancel = Path(handoff), Path(handoff + ".cancel")
@@ -154,22 +168,24 @@ def read_plan_shard(batch: dict[str, np.ndarray], handoff: str, block: int,
     return plan.slice(int(batch["id"][0]) * block, block)
 
 
-def _embedded(ds, layout: Layout, spec: ClipSpec, *, image_size: int, max_pixels: int,
-              batch_size: int, decode_batch_size: int, actors: int, actor_cpus: float,
+def _decoder(opts: dict):
+    return partial(decode_batch, size=opts["image_size"], max_pixels=opts["max_pixels"],
+                   storage=opts.get("storage"), reduced=opts.get("reduced_decode", True))
+
+
+def _embedded(ds, layout: Layout, spec: ClipSpec, *, batch_size: int, actor_cpus: float,
               decode_cpus: float, out_rows: int, threads: int | None = None,
-              storage: StorageConfig | None = None, reduced_decode: bool = True,
-              text: TextSpec | None = None) -> Iterator[pa.Table]:
-    """Decode tasks, then the CLIP actor pool, over the input dataset ``ds``."""
+              text: TextSpec | None = None, decode=None, **opts) -> Iterator[pa.Table]:
+    """Decode tasks (``decode``, default ``decode_batch`` over ``ds``'s rows), then the CLIP
+    actor pool."""
     import ray
 
     quiet_ray_data()
     gpus = 1 if spec.device == "cuda" or (
         spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
     ds = ds.map_batches(
-        partial(decode_batch, size=image_size, max_pixels=max_pixels, storage=storage,
-                reduced=reduced_decode),
-        batch_size=layout.decode_rows, batch_format="numpy", num_cpus=decode_cpus,
-        max_retries=BATCH_RETRIES,
+        decode or _decoder(opts), batch_size=layout.decode_rows, batch_format="numpy",
+        num_cpus=decode_cpus, max_retries=BATCH_RETRIES,
     )
     ds = ds.map_batches(
         ClipEmbedder, fn_constructor_kwargs={"spec": spec, "text": text,

@@ -104,3 +104,16 @@ def test_plan_shards_end_empty_when_cancelled_and_fail_after_the_wait(tmp_path):
         read_plan_shard({"id": np.array([0])}, handoff, 2, wait_s=0.2)
     Path(handoff + ".cancel").touch()
     assert read_plan_shard({"id": np.array([0])}, handoff, 2, wait_s=10).num_rows == 0
+
+
+def test_a_cancelled_shard_decodes_to_no_rows(tmp_path):
+    from functools import partial
+
+    from tasks.ingest.pipeline import read_and_decode
+    from tasks.io.images import decode_batch
+
+    handoff = str(tmp_path / "plan.parquet")
+    Path(handoff + ".cancel").touch()
+    out = read_and_decode({"id": np.array([0])}, handoff, 4, 10,
+                          partial(decode_batch, size=32, max_pixels=10**6))
+    assert out["pixels"].shape == (0, 32, 32, 3) and len(out["stage"]) == 0
