@@ -7,8 +7,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: reads of the process environment a stage may make: Ray's own switches, not MMRAG_* settings
-ENV_READS_ALLOWED = {"tasks/io/cluster.py"}
+#: reads of the process environment a stage may make: Ray's own switches, not MMRAG_* settings;
+#: and torch's instruction-set caps, which change whether bf16 pays, read with the cache
+#: location by the precision choice inside Ray actors (where no Settings object travels)
+ENV_READS_ALLOWED = {"tasks/io/cluster.py", "tasks/models/precision.py"}
 
 
 def test_tasks_holds_only_packages():
