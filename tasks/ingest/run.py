@@ -114,12 +114,6 @@ def meta_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.stem + ".meta.parquet")
 
 
-def has_new_files(source: str, db_uri: str, spec: ClipSpec, dim: int,
-                  suffix: str | None = None, storage: StorageConfig | None = None) -> bool:
-    """Whether SOURCE holds a file the ledger does not know as it is."""
-    return new_file_count(source, db_uri, spec, dim, suffix, storage) > 0
-
-
 def new_file_count(source: str, db_uri: str, spec: ClipSpec, dim: int,
                    suffix: str | None = None, storage: StorageConfig | None = None) -> int:
     """Files in SOURCE the ledger does not know as they are (new, or their bytes changed): the

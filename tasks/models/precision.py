@@ -34,22 +34,22 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-def _cpu_flags() -> set[str]:
+@cache
+def _cpuinfo() -> list[str]:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith(("flags", "Features"))), "")
+        return []
+
+
+def _cpu_flags() -> set[str]:
+    line = next((x for x in _cpuinfo() if x.startswith(("flags", "Features"))), "")
     return set(line.partition(":")[2].split())
 
 
 def _cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    line = next((x for x in text.splitlines() if x.startswith("model name")), "")
-    return line.partition(":")[2].strip() or platform.machine()
+    line = next((x for x in _cpuinfo() if x.startswith("model name")), "")
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
 def pick_dtype(precision: str, device: str):

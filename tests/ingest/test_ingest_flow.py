@@ -13,7 +13,7 @@ from conftest import tables
 
 from flows import config
 from flows.ingest import ingest_flow, warm_up
-from tasks.ingest.run import has_new_files as _has_new_files
+from tasks.ingest.run import new_file_count
 from tasks.models.clip import model_shape
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def ingest(source, settings) -> dict:
 
 def has_new_files(source: str, settings) -> bool:
     spec = config.clip_spec(settings)
-    return _has_new_files(source, settings.db, spec, model_shape(spec)[0])
+    return new_file_count(source, settings.db, spec, model_shape(spec)[0]) > 0
 
 
 @pytest.fixture
