@@ -7,13 +7,12 @@ invocation (a CLI run, a test's ``CliRunner``) starts from its own options.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Annotated, NoReturn
 
 import typer
 
-from mmrag.cli import output
+from mmrag.cli import output, startup
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch multimodal RAG over image dumps (Prefect + Ray + CLIP + LanceDB).")
@@ -63,29 +62,19 @@ def fatal(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def prefect_defaults() -> None:
-    """Quiet, patient defaults for the ephemeral Prefect server: analytics off, and a start-up
-    timeout that a loaded 2-core machine can meet (Prefect's own 20 s is too close).  Model
-    loading bars are off too: the flows report their own progress."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None, **kwargs):
+def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None,
+             server: startup.TemporaryServer | None = None, **kwargs):
     """Run a flow with quiet terminal output (full logs in a file under ``work_dir/logs``); a
     Prefect server that cannot start is a one-line fatal error, not a traceback.
 
-    ``warm`` (the command's own start-up, e.g. starting Ray) runs while Prefect's temporary
-    server starts, not after it."""
-    from mmrag.cli.startup import prefect_server_in_background
-
-    prefect_defaults()
+    ``server``: Prefect's temporary server as the command started it before importing its flow
+    (:func:`prefect_server`); ``warm`` (the command's own start-up, e.g. starting Ray) runs while
+    that server starts, not after it."""
     with output.quiet(work_dir, flow_.name):
         try:
-            with prefect_server_in_background():
-                if warm:
-                    warm()
+            if warm:
+                warm()
+            startup.ready(server)
             return flow_(*args, **kwargs)
         except RuntimeError as e:
             if "server" in str(e).lower() and "prefect" in str(e).lower():
@@ -93,6 +82,12 @@ def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None
                       "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set "
                       "PREFECT_API_URL to a running server)")
             raise
+
+
+def prefect_server() -> startup.TemporaryServer | None:
+    """Start Prefect's temporary server now, in its own process, when the flow will need one:
+    call it before importing the flow, so that the server starts while the command imports."""
+    return startup.start_server()
 
 
 def counts(mapping: dict) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, fatal, run_flow, settings_from
+from mmrag.cli.app import app, fatal, prefect_server, run_flow, settings_from
 
 
 @app.command("backfill")
@@ -37,6 +37,7 @@ def backfill(
         return backfill_captions(settings)
     params = dict(roots=roots or None, root=root, start=start, end=end, chunk_size=chunk_size,
                   backfill_id=backfill_id, from_ledger=from_ledger)
+    server = prefect_server()
     from flows.backfill import backfill_flow, select_dumps
     from tasks.ingest.backfill import BackfillError, BackfillIncomplete
     from tasks.ingest.discover import SourceError
@@ -48,7 +49,8 @@ def backfill(
         select_dumps(settings, **{k: params[k] for k in keys})  # fail fast, before Prefect
         if chunk_size < 1:
             raise BackfillError("--chunk-size must be at least 1")
-        summary = run_flow(settings.work_dir, backfill_flow, **params, settings=settings)
+        summary = run_flow(settings.work_dir, backfill_flow, **params, settings=settings,
+                           server=server)
     except BackfillIncomplete as e:
         print_summary(e.summary)
         typer.secho(f"error: {e}", fg="red", err=True)
@@ -75,11 +77,12 @@ def print_summary(summary: dict) -> None:
 
 def backfill_captions(settings) -> None:
     """Upgrade the table in place and embed its captions; re-running resumes."""
+    server = prefect_server()
     from flows.captions import caption_backfill_flow
     from tasks.io.store import StoreError
 
     try:
-        summary = run_flow(settings.work_dir, caption_backfill_flow, settings)
+        summary = run_flow(settings.work_dir, caption_backfill_flow, settings, server=server)
     except (StoreError, ValueError, ImportError) as e:
         fatal(str(e))
     added = "columns added in place, " if summary["upgraded"] else (

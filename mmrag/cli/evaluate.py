@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, fatal, run_flow, settings_from
+from mmrag.cli.app import app, fatal, prefect_server, run_flow, settings_from
 
 _COLUMNS = ("recall@1", "recall@5", "recall@10", "mrr")
 
@@ -62,6 +62,7 @@ def _space_specs() -> list[str]:
 
 
 def _run(settings, params: dict, variant_specs: list[str], augment: str | None) -> None:
+    server = prefect_server()
     from flows.evaluate import evaluate_flow
     from tasks.evaluate.answer_checks import AnswersNotFound
     from tasks.io.store import StoreError
@@ -69,7 +70,8 @@ def _run(settings, params: dict, variant_specs: list[str], augment: str | None) 
     try:
         params["variants"] = _preflight(settings, params, variant_specs)
         params["augmentations"] = _kinds(augment)
-        summary = run_flow(settings.work_dir, evaluate_flow, settings=settings, **params)
+        summary = run_flow(settings.work_dir, evaluate_flow, settings=settings, server=server,
+                           **params)
     except (StoreError, AnswersNotFound, ValueError, OSError) as e:
         fatal(str(e))
     typer.echo(format_summary(summary))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, counts, fatal, run_flow, settings_from
+from mmrag.cli.app import app, counts, fatal, prefect_server, run_flow, settings_from
 
 
 @app.command("sample-dump")
@@ -50,6 +50,7 @@ def ingest(
     """Embed the new images under SOURCE into LanceDB and apply what changed (metadata, deleted
     and moved files): incremental, idempotent."""
     settings = settings_from(ctx)
+    server = prefect_server()
     from flows.ingest import cool_down, ingest_flow, warm_up
     from tasks.ingest.changes import DeletionRefused
     from tasks.ingest.discover import SourceError
@@ -59,7 +60,7 @@ def ingest(
     try:
         preflight(source, settings)
         summary = run_flow(settings.work_dir, ingest_flow, source, settings, allow_deletes,
-                           warm=lambda: warm_up(source, settings))
+                           warm=lambda: warm_up(source, settings), server=server)
     except (SourceError, StoreError, PipelineError, DeletionRefused) as e:
         fatal(str(e))
     finally:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, counts, fatal, run_flow, settings_from
+from mmrag.cli.app import app, counts, fatal, prefect_server, run_flow, settings_from
 
 
 @app.command()
@@ -21,6 +21,7 @@ def query(
 ) -> None:
     """Retrieve images for each query and answer it with LLaVA; write answers as Parquet."""
     settings = settings_from(ctx, engine=engine or None, out=out or None)
+    server = prefect_server()
     from flows.query import query_flow
     from tasks.io.answers import check_writable
     from tasks.io.store import StoreError
@@ -29,7 +30,8 @@ def query(
 
     try:  # before Prefect starts: one line, no traceback
         check_writable(settings.out, run_date)
-        summary = run_flow(settings.work_dir, query_flow, queries, settings, run_id, run_date)
+        summary = run_flow(settings.work_dir, query_flow, queries, settings, run_id, run_date,
+                           server=server)
     except (QueryFileError, StoreError, GenerationError, ValueError, OSError) as e:
         fatal(str(e))
     typer.echo(f"run {summary['run_id']}: {summary['queries']} queries, {summary['answered']} "

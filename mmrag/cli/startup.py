@@ -1,18 +1,39 @@
-"""Start-up in parallel: Prefect's temporary API server starts in a thread while the command
-warms its own workers (Ray), instead of one after the other.
+"""Prefect's temporary API server, started by the command in its first second.
 
-Without ``PREFECT_API_URL`` Prefect starts a temporary server the first time a flow needs its
-API (about 4 s on 2 cores, most of it in the server's own process, the caller only polling).
-Starting it here, through the same per-process instance Prefect itself uses, lets the command's
-other start-up work run meanwhile; the flow then finds the server up.  With ``PREFECT_API_URL``
-set (a running server, reused as is) nothing starts.
+Without ``PREFECT_API_URL`` Prefect starts a temporary server (``uvicorn`` running Prefect's
+own app in a subprocess) the first time a flow needs its API.  Left to Prefect, that happens
+only after the command has imported its flow (~5 s on 2 cores), and the parent process first
+imports the whole server application (~3.5 s) just to launch that subprocess.  Started here
+instead, with Prefect's own command line and environment, the server's ~5–8 s of start-up run on
+the other core while this process imports, warms Ray and plans; the parent never imports the
+server.  Once the server answers, the process points Prefect at it (``PREFECT_API_URL``, as
+for any running server, inherited by the processes it starts) and stops it at exit, after
+Prefect has flushed its logs to it.
+
+With ``PREFECT_API_URL`` set (a running server, reused as is) or ephemeral mode off, nothing
+starts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+
+
+def prefect_defaults() -> None:
+    """Quiet, patient defaults for the temporary server: analytics off, and a start-up timeout
+    that a loaded 2-core machine can meet (Prefect's own 20 s is too close).  Model loading bars
+    are off too: the flows report their own progress.  Set before Prefect reads its settings."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def temporary_server_needed() -> bool:
@@ -23,34 +44,97 @@ def temporary_server_needed() -> bool:
     return not current.api.url and bool(current.server.ephemeral.enabled)
 
 
-def start_temporary_server() -> None:
-    """Prefect's own temporary server, started once per process (later calls return at once)."""
-    from prefect.server.api.server import SubprocessASGIServer
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    SubprocessASGIServer().start()
 
+class TemporaryServer:
+    """One Prefect API server in a subprocess, launched exactly as Prefect launches its own."""
 
-@contextlib.contextmanager
-def prefect_server_in_background(start: Callable[[], None] = start_temporary_server
-                                 ) -> Iterator[None]:
-    """Start the temporary server in a thread for the duration of the block; leaving the block
-    waits for it, and a server that failed to start raises here (the flow would fail anyway)."""
-    if not temporary_server_needed():
-        yield
-        return
-    failure: list[BaseException] = []
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.port = 0
 
-    def run() -> None:
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> TemporaryServer:
+        import prefect
+        from prefect.settings import get_current_settings
+
+        self.port = free_port()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+        atexit.register(self.stop)
+        return self
+
+    def wait(self, timeout_s: float) -> None:
+        """Until the server answers its health check; a server that exits or stays silent is a
+        ``RuntimeError`` naming the Prefect server (the CLI turns it into one line)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.process.poll()
+            if status == PORT_IN_USE:
+                self.start()
+                continue
+            if status is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with status {status}")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
+
+    def healthy(self) -> bool:
+        import httpx
+
         try:
-            start()
-        except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread below
-            failure.append(e)
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
-    thread = threading.Thread(target=run, name="prefect-server-start", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+#: this process's server, at most one (Prefect keeps its own temporary server per process too)
+_STARTED: list[TemporaryServer] = []
+
+
+def start_server() -> TemporaryServer | None:
+    """Launch the temporary server now when a flow would need one (None otherwise); later
+    commands in the same process reuse it."""
+    prefect_defaults()
+    if not temporary_server_needed():
+        return None
+    if not _STARTED:
+        _STARTED.append(TemporaryServer().start())
+    return _STARTED[0]
+
+
+def ready(server: TemporaryServer | None) -> None:
+    """Wait for a server from :func:`start_server`; then Prefect uses it for the rest of the
+    process, as it would use its own temporary server."""
+    if server is None:
+        return
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    refresh_global_settings_context()

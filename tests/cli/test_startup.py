@@ -1,49 +1,105 @@
-"""Prefect's temporary server starts in a thread while the command warms its own workers."""
+"""Prefect's temporary server, started by the command before it imports its flow."""
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from mmrag.cli.startup import prefect_server_in_background, temporary_server_needed
+from mmrag.cli import startup
+from mmrag.cli.startup import TemporaryServer, free_port
 
 
-@pytest.fixture
-def no_api_url():
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        yield
-
-
-def test_the_server_starts_while_the_block_runs(no_api_url):
-    """The block waits for the start and the start waits for the block: run one after the
-    other, this would time out."""
-    block_ran, started = threading.Event(), []
-
-    def start():
-        assert block_ran.wait(10), "the server start did not overlap the block"
-        started.append(threading.current_thread().name)
-
-    assert temporary_server_needed()
-    with prefect_server_in_background(start):
-        block_ran.set()
-    assert started == ["prefect-server-start"], "leaving the block waits for the start"
-
-
-def test_a_failed_start_is_raised_in_the_caller(no_api_url):
-    def start():
-        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server")
-
-    with (pytest.raises(RuntimeError, match="ephemeral Prefect API server"),
-          prefect_server_in_background(start)):
-        pass
-
-
-def test_a_running_server_is_reused_and_nothing_starts():
-    calls = []
+def test_no_server_starts_when_prefect_has_an_api_url(monkeypatch):
+    launched = []
+    monkeypatch.setattr(TemporaryServer, "start", lambda self: launched.append(self))
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
-        assert not temporary_server_needed()
-        with prefect_server_in_background(lambda: calls.append(1)):
-            pass
-    assert calls == []
+        assert startup.start_server() is None
+        startup.ready(None)
+    assert launched == []
+
+
+def process(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_server_that_exits_is_a_prefect_server_error():
+    server = TemporaryServer()
+    server.port, server.process = free_port(), process("import sys; sys.exit(1)")
+    with pytest.raises(RuntimeError, match="temporary Prefect server exited with status 1"):
+        server.wait(30)
+
+
+def test_a_server_that_never_answers_times_out():
+    server = TemporaryServer()
+    server.port, server.process = free_port(), process("import time; time.sleep(30)")
+    try:
+        with pytest.raises(RuntimeError, match="Prefect server did not answer within 1 s"):
+            server.wait(1)
+    finally:
+        server.stop()
+    assert server.process is None
+
+
+def test_a_port_taken_meanwhile_is_retried_on_another(monkeypatch, tmp_path):
+    """uvicorn exits with status 3 when its port was taken between the choice and the bind:
+    the server is launched again on a fresh port (here a plain HTTP server that answers the
+    health path with 200)."""
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "health").write_text("true")
+
+    def start(self):
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port),
+                                         "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+                                        stderr=subprocess.DEVNULL)
+        return self
+
+    server = TemporaryServer()
+    server.port, server.process = 1, process("import sys; sys.exit(3)")
+    monkeypatch.setattr(TemporaryServer, "start", start)
+    try:
+        server.wait(30)
+        assert server.port != 1 and server.healthy()
+    finally:
+        server.stop()
+
+
+CHILD = textwrap.dedent("""
+    import json, os, sys
+    from mmrag.cli import startup
+    server = startup.start_server()
+    from prefect import flow
+
+    @flow
+    def double(x):
+        return 2 * x
+
+    startup.ready(server)
+    from prefect.settings import get_current_settings
+    print(json.dumps({"server_pid": server.process.pid, "api_url": server.api_url,
+                      "prefect_url": get_current_settings().api.url, "result": double(21),
+                      "parent_imported_server_app": "prefect.server.api.server" in sys.modules}))
+""")
+
+
+@pytest.mark.slow
+def test_a_flow_runs_against_the_server_the_command_started(tmp_path):
+    """The whole path in a fresh process: the server runs in its own process, Prefect's
+    settings point at it, a flow runs there, the parent never imports the server app, and the
+    server is gone after the parent exits."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    run = subprocess.run([sys.executable, "-c", CHILD], env=env | {"PREFECT_HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=180, check=True)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["result"] == 42
+    assert out["prefect_url"] == out["api_url"]
+    assert out["server_pid"] != os.getpid()
+    assert out["parent_imported_server_app"] is False
+    assert not Path(f"/proc/{out['server_pid']}").exists()
