@@ -86,10 +86,12 @@ def test_other_settings_get_their_own_pipeline(sample_dump, settings, ray_sessio
 def test_plan_shards_wait_for_the_plan_then_slice_it(tmp_path):
     handoff = tmp_path / "plan.parquet"
 
-    def write_later():
+    def write_later():  # as Pending.feed hands it over: written aside, renamed into place
         time.sleep(0.3)
+        tmp = tmp_path / "plan.parquet.tmp"
         pl.DataFrame({"source_uri": [f"f{i}" for i in range(5)],
-                      "escape": [None] * 5}).write_parquet(handoff)
+                      "escape": [None] * 5}).write_parquet(tmp)
+        tmp.replace(handoff)
 
     threading.Thread(target=write_later).start()
     rows = read_plan_shard({"id": np.array([1])}, str(handoff), block=2, wait_s=10)
