@@ -182,6 +182,7 @@ def test_read_only_output_location(world, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~51 s; tests/ingest/test_concurrent_writers.py races two ingests by default
 def test_two_ingests_and_a_query_at_once(tmp_path, cache_dir, ray_session):
     """Two ingests of the same new files and a query, released together: no duplicates, the
     tables equal one ingest's, and the query's table_version reproduces what it retrieved."""
