@@ -68,7 +68,7 @@ def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None
     Prefect server that cannot start is a one-line fatal error, not a traceback.
 
     ``server``: Prefect's temporary server as the command started it before importing its flow
-    (:func:`prefect_server`); ``warm`` (the command's own start-up, e.g. starting Ray) runs while
+    (``startup.start_server``); ``warm`` (the command's own start-up, e.g. starting Ray) runs while
     that server starts, not after it."""
     with output.quiet(work_dir, flow_.name):
         try:
@@ -82,12 +82,6 @@ def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None
                       "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set "
                       "PREFECT_API_URL to a running server)")
             raise
-
-
-def prefect_server() -> startup.TemporaryServer | None:
-    """Start Prefect's temporary server now, in its own process, when the flow will need one:
-    call it before importing the flow, so that the server starts while the command imports."""
-    return startup.start_server()
 
 
 def counts(mapping: dict) -> str:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, fatal, prefect_server, run_flow, settings_from
+from mmrag.cli.app import app, fatal, run_flow, settings_from
+from mmrag.cli.startup import start_server
 
 
 @app.command("backfill")
@@ -37,7 +38,7 @@ def backfill(
         return backfill_captions(settings)
     params = dict(roots=roots or None, root=root, start=start, end=end, chunk_size=chunk_size,
                   backfill_id=backfill_id, from_ledger=from_ledger)
-    server = prefect_server()
+    server = start_server()
     from flows.backfill import backfill_flow, select_dumps
     from tasks.ingest.backfill import BackfillError, BackfillIncomplete
     from tasks.ingest.discover import SourceError
@@ -77,7 +78,7 @@ def print_summary(summary: dict) -> None:
 
 def backfill_captions(settings) -> None:
     """Upgrade the table in place and embed its captions; re-running resumes."""
-    server = prefect_server()
+    server = start_server()
     from flows.captions import caption_backfill_flow
     from tasks.io.store import StoreError
 

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, fatal, prefect_server, run_flow, settings_from
+from mmrag.cli.app import app, fatal, run_flow, settings_from
+from mmrag.cli.startup import start_server
 
 _COLUMNS = ("recall@1", "recall@5", "recall@10", "mrr")
 
@@ -62,7 +63,7 @@ def _space_specs() -> list[str]:
 
 
 def _run(settings, params: dict, variant_specs: list[str], augment: str | None) -> None:
-    server = prefect_server()
+    server = start_server()
     from flows.evaluate import evaluate_flow
     from tasks.evaluate.answer_checks import AnswersNotFound
     from tasks.io.store import StoreError

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, counts, fatal, prefect_server, run_flow, settings_from
+from mmrag.cli.app import app, counts, fatal, run_flow, settings_from
+from mmrag.cli.startup import start_server
 
 
 @app.command("sample-dump")
@@ -50,7 +51,7 @@ def ingest(
     """Embed the new images under SOURCE into LanceDB and apply what changed (metadata, deleted
     and moved files): incremental, idempotent."""
     settings = settings_from(ctx)
-    server = prefect_server()
+    server = start_server()
     from flows.ingest import cool_down, ingest_flow, warm_up
     from tasks.ingest.changes import DeletionRefused
     from tasks.ingest.discover import SourceError

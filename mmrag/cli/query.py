@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from mmrag.cli.app import app, counts, fatal, prefect_server, run_flow, settings_from
+from mmrag.cli.app import app, counts, fatal, run_flow, settings_from
+from mmrag.cli.startup import start_server
 
 
 @app.command()
@@ -21,7 +22,7 @@ def query(
 ) -> None:
     """Retrieve images for each query and answer it with LLaVA; write answers as Parquet."""
     settings = settings_from(ctx, engine=engine or None, out=out or None)
-    server = prefect_server()
+    server = start_server()
     from flows.query import query_flow
     from tasks.io.answers import check_writable
     from tasks.io.store import StoreError

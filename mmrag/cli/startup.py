@@ -56,6 +56,7 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.port = 0
+        atexit.register(self.stop)
 
     @property
     def api_url(self) -> str:
@@ -73,7 +74,6 @@ class TemporaryServer:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
-        atexit.register(self.stop)
         return self
 
     def wait(self, timeout_s: float) -> None:
@@ -117,13 +117,16 @@ _STARTED: list[TemporaryServer] = []
 
 
 def start_server() -> TemporaryServer | None:
-    """Launch the temporary server now when a flow would need one (None otherwise); later
-    commands in the same process reuse it."""
+    """Launch the temporary server now, in its own process, when a flow will need one (None
+    otherwise): a command calls it before importing its flow, so that the server starts while
+    the command imports.  Later commands in the same process reuse it."""
     prefect_defaults()
     if not temporary_server_needed():
         return None
     if not _STARTED:
-        _STARTED.append(TemporaryServer().start())
+        _STARTED.append(TemporaryServer())
+    if _STARTED[0].process is None:
+        _STARTED[0].start()
     return _STARTED[0]
 
 

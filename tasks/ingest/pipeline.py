@@ -128,7 +128,6 @@ def embed_when_planned(handoff: str, expected: int, spec: ClipSpec, *, wait_s: f
     so a separate read stage and the decode stage could each get too little to run one task."""
     import ray
 
-    quiet_ray_data()
     layout = Layout.of(max(1, expected), opts["actors"], opts["batch_size"],
                        opts["decode_batch_size"])
     shards = -(-max(1, expected) // layout.block)

@@ -25,6 +25,24 @@ def test_no_server_starts_when_prefect_has_an_api_url(monkeypatch):
     assert launched == []
 
 
+def test_one_server_per_process_relaunched_once_stopped(monkeypatch):
+    launched = []
+
+    def start(self):
+        launched.append(self)
+        self.process = object()
+        return self
+
+    monkeypatch.setattr(TemporaryServer, "start", start)
+    monkeypatch.setattr(startup, "temporary_server_needed", lambda: True)
+    monkeypatch.setattr(startup, "_STARTED", [])
+    first = startup.start_server()
+    assert startup.start_server() is first and launched == [first]
+    first.process = None  # stopped (e.g. by its exit handler)
+    assert startup.start_server() is first and launched == [first, first]
+    first.process = None  # nothing real to stop at exit
+
+
 def process(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
