@@ -20,10 +20,8 @@ from flows.common import logger as _logger
 from flows.common import run_id as _run_id
 from flows.progress import progress
 from mmrag.settings import Settings
-from tasks.ingest import prestart
 from tasks.ingest import run as ingest
 from tasks.io.cluster import init_ray
-from tasks.io.objstore import is_local
 from tasks.models.clip import TINY_WARNING, model_shape
 
 
@@ -65,38 +63,6 @@ def embed_plan(plan_path: str, total: int, settings: Settings, run_id: str) -> d
                                 storage=config.storage(settings),
                                 policy=config.index_policy(settings))
     return counts.as_dict()
-
-
-def warm_up(source: str, settings: Settings) -> bool:
-    """Start Ray now when SOURCE has files to read, so that the CLI overlaps it with Prefect's
-    start-up, and start the embedding pipeline too (``settings.ingest_prestart``): its CLIP
-    actors load while the flow plans, and the flow feeds it the plan
-    (``tasks.ingest.prestart``).  A run with nothing new never starts Ray.  True when Ray was
-    started (or joined).
-
-    Local dumps only: the check lists the dump once more, which a local folder does in well
-    under a second, while listing a large bucket can take longer than the start it would hide
-    (such runs start Ray when they reach the embedding step, as before)."""
-    if not is_local(source):
-        return False
-    spec = config.clip_spec(settings)
-    expected = ingest.new_file_count(source, settings.db, spec, model_shape(spec)[0],
-                                     settings.table_suffix, config.storage(settings))
-    if not expected:
-        return False
-    init_ray(config.ray(settings))
-    import ray.data  # noqa: F401 - its import (~0.7 s) overlaps Prefect's start too
-
-    if settings.ingest_prestart:
-        ingest.prestart_embedding(expected, settings.db, spec, settings.work_dir,
-                                  config.pipeline_opts(settings), config.storage(settings))
-    return True
-
-
-def cool_down() -> bool:
-    """After the flow: cancel a pre-started pipeline it did not use (nothing to embed after
-    all, or the flow failed).  True when there was one."""
-    return prestart.cancel_pending()
 
 
 def merge_counts(planned: dict, done: dict | None) -> dict:

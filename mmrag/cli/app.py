@@ -7,7 +7,6 @@ invocation (a CLI run, a test's ``CliRunner``) starts from its own options.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, NoReturn
 
 import typer
@@ -62,18 +61,15 @@ def fatal(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def run_flow(work_dir: str, flow_, *args, warm: Callable[[], None] | None = None,
-             server: startup.TemporaryServer | None = None, **kwargs):
+def run_flow(work_dir: str, flow_, *args, server: startup.TemporaryServer | None = None,
+             **kwargs):
     """Run a flow with quiet terminal output (full logs in a file under ``work_dir/logs``); a
     Prefect server that cannot start is a one-line fatal error, not a traceback.
 
     ``server``: Prefect's temporary server as the command started it before importing its flow
-    (``startup.start_server``); ``warm`` (the command's own start-up, e.g. starting Ray) runs while
-    that server starts, not after it."""
+    (``startup.start_server``), waited for here."""
     with output.quiet(work_dir, flow_.name):
         try:
-            if warm:
-                warm()
             startup.ready(server)
             return flow_(*args, **kwargs)
         except RuntimeError as e:

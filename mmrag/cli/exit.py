@@ -13,20 +13,28 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
 
 
 def main() -> None:
     """``mmrag …``: the Typer app, then a fast exit with its status (an uncaught exception
-    other than ``SystemExit`` propagates as usual, with its traceback)."""
+    other than ``SystemExit`` propagates as usual, with its traceback).  SIGTERM (a scheduler
+    or ``kill`` stopping the run) is an exit too, with status 143: the same handlers run, so
+    Ray's processes and Prefect's server go with the command."""
     from mmrag.cli import app
 
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
         code = 0
     except SystemExit as e:
         code = _status(e.code)
     fast_exit(code)
+
+
+def _terminated(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _status(code: object) -> int:

@@ -52,7 +52,7 @@ def ingest(
     and moved files): incremental, idempotent."""
     settings = settings_from(ctx)
     server = start_server()
-    from flows.ingest import cool_down, ingest_flow, warm_up
+    from flows import early
     from tasks.ingest.changes import DeletionRefused
     from tasks.ingest.discover import SourceError
     from tasks.ingest.pipeline import PipelineError
@@ -60,12 +60,15 @@ def ingest(
 
     try:
         preflight(source, settings)
+        early.start(source, settings)
+        from flows.ingest import ingest_flow
+
         summary = run_flow(settings.work_dir, ingest_flow, source, settings, allow_deletes,
-                           warm=lambda: warm_up(source, settings), server=server)
+                           server=server)
     except (SourceError, StoreError, PipelineError, DeletionRefused) as e:
         fatal(str(e))
     finally:
-        cool_down()
+        early.cool_down()
     print_summary(summary)
 
 

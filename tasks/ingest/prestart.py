@@ -4,7 +4,7 @@ A CLIP actor's start (a Ray worker process, Ray Data, torch and open_clip import
 took 8-12 s on a 2-core VM, and Ray Data starts its actors only when a pipeline runs, which
 used to be after planning, itself after Prefect's server was up: a serial chain while the CPUs
 sat about half idle.  The ``mmrag ingest`` command now starts the pipeline as soon as Ray is up
-(``flows.ingest.warm_up``), reading its input from a hand-off file that the flow's embedding
+(``flows.early.warm_up``), reading its input from a hand-off file that the flow's embedding
 step fills with the plan (``feed``); the flow then consumes the stream as it would its own.
 When nothing comes (no files left to embed, or the flow failed) the command cancels it.
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from tasks.io.cluster import wait_early
 from tasks.models.clip import ClipSpec
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ def start(key: tuple, work_dir: str, expected: int, spec: ClipSpec, opts: dict) 
 def take(key: tuple) -> Pending | None:
     """The pending pipeline, if one was started for the same ``key`` (database, model,
     pipeline settings); it is the caller's from now on.  One started for another key is
-    cancelled: its actors would hold the CPUs the caller's own pipeline needs."""
+    cancelled: its actors would hold the CPUs the caller's own pipeline needs.  Waits for an
+    early start of Ray still under way (it may be about to start one)."""
+    wait_early()
     with _lock:
         pending = _pending.pop("ingest", None)
     if pending is not None and pending.key != key:
@@ -131,7 +134,9 @@ def take(key: tuple) -> Pending | None:
 
 
 def cancel_pending() -> bool:
-    """Cancel a pipeline nobody took (the flow had nothing to embed, or failed)."""
+    """Cancel a pipeline nobody took (the flow had nothing to embed, or failed), once an early
+    start of Ray still under way has finished."""
+    wait_early()
     with _lock:
         pending = _pending.pop("ingest", None)
     if pending and not pending.cancel(CANCEL_WAIT_S):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: retries of a batch whose Ray worker or actor process died (Ray Data's default is unlimited:
@@ -24,8 +26,50 @@ class RayConfig:
     temp_dir: str = "/tmp/mmrag-ray"  # noqa: S108 - Ray's own default is /tmp/ray
 
 
+log = logging.getLogger(__name__)
+_early: tuple[threading.Thread, threading.Event] | None = None
+
+
+def start_early(work: Callable[[], object]) -> None:
+    """Run WORK (a start of Ray, and what should follow it at once) in a thread, so that the
+    caller goes on meanwhile: ``ray.init`` spends seconds waiting for Ray's daemons (~3.5 s of
+    a 2-core VM), which the command spends starting its flow instead.  Whatever needs Ray in
+    this process waits for WORK first (``init_ray``, ``wait_early``).  A failure is logged and
+    forgotten: the next ``init_ray`` starts Ray itself, and raises what stops it.
+
+    The thread outlives WORK, parked until the process ends: Ray starts its daemons with
+    ``PR_SET_PDEATHSIG``, which the kernel fires when the *thread* that started them ends."""
+    global _early
+
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - the flow starts Ray itself, and raises then
+            log.warning("starting Ray ahead of the flow failed (%s: %s); the flow starts it",
+                        type(e).__name__, e)
+        finally:
+            done.set()
+        threading.Event().wait()
+
+    wait_early()
+    thread = threading.Thread(target=run, name="ray-early-start", daemon=True)
+    _early = thread, done
+    thread.start()
+
+
+def wait_early() -> None:
+    """Wait for a ``start_early`` still running (not from inside it)."""
+    early = _early
+    if early is not None and early[0] is not threading.current_thread():
+        early[1].wait()
+
+
 def init_ray(config: RayConfig) -> None:
-    """Connect to a cluster (address) or start a local Ray once per process."""
+    """Connect to a cluster (address) or start a local Ray once per process (after an early
+    start still under way: ``start_early``)."""
+    wait_early()
     import ray
 
     address, num_cpus, temp_dir = config.address, config.num_cpus, config.temp_dir
@@ -43,8 +87,19 @@ def init_ray(config: RayConfig) -> None:
     # a local Ray of our own: its token-auth notice is not the user's to act on
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
+    # started from a thread (``start_early``), Ray leaves SIGTERM to the program: the ``mmrag``
+    # script turns it into a clean exit itself
+    logging.getLogger("ray._private.worker").addFilter(_NO_SIGTERM_NOTICE)
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True, _temp_dir=os.path.abspath(temp_dir))
+
+
+class _NoSigtermNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+_NO_SIGTERM_NOTICE = _NoSigtermNotice()
 
 
 def _connect(address: str) -> None:

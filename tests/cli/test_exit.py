@@ -39,3 +39,17 @@ def test_all_output_arrives_through_a_pipe(tmp_path):
 def test_exit_codes(code, status, capsys):
     assert _status(code) == status
     assert ("bad input" in capsys.readouterr().err) == (code == "bad input")
+
+
+def test_sigterm_is_an_exit_with_the_cleanup(tmp_path):
+    """A scheduler stopping the command: status 143, and the exit handlers (Ray's shutdown,
+    the Prefect server's stop) still run."""
+    marker = tmp_path / "atexit.txt"
+    code = ("import atexit, os, signal, time; import mmrag.cli as cli; "
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran')); "
+            "cli.app = lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60)); "
+            "from mmrag.cli.exit import main; main()")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 143, run.stderr[-500:]
+    assert marker.read_text() == "ran"

@@ -12,7 +12,8 @@ import pytest
 from conftest import tables
 
 from flows import config
-from flows.ingest import ingest_flow, warm_up
+from flows.early import warm_up
+from flows.ingest import ingest_flow
 from tasks.ingest.run import new_file_count
 from tasks.models.clip import model_shape
 
@@ -37,7 +38,7 @@ def dump(sample_dump, tmp_path):
 
 def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session, monkeypatch):
     started = []
-    monkeypatch.setattr("flows.ingest.init_ray", started.append)
+    monkeypatch.setattr("flows.early.init_ray", started.append)
     assert warm_up(str(dump), settings) and len(started) == 1, "new files: Ray starts early"
     monkeypatch.undo()
     first = ingest(dump, settings)
@@ -53,7 +54,7 @@ def test_ingest_sample_dump_then_rerun_is_a_noop(dump, settings, ray_session, mo
     assert (img["width"] == 640).all() and (img["height"] == 480).all()
 
     versions = _versions(settings.db)
-    monkeypatch.setattr("flows.ingest.init_ray", started.append)
+    monkeypatch.setattr("flows.early.init_ray", started.append)
     assert not warm_up(str(dump), settings) and len(started) == 1, "nothing new: no Ray"
     second = ingest(dump, settings)
     assert (second["unchanged"], second["todo"]) == (24, 0)

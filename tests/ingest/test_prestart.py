@@ -13,7 +13,8 @@ import pytest
 
 import tasks.ingest.pipeline
 from flows import config
-from flows.ingest import cool_down, plan_source
+from flows.early import cool_down
+from flows.ingest import plan_source
 from tasks.ingest import prestart
 from tasks.ingest import run as ingest
 from tasks.ingest.pipeline import read_plan_shard

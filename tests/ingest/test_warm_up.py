@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flows.ingest import warm_up
+from flows.early import warm_up
 
 
 def test_object_store_dumps_are_not_listed_twice(settings, monkeypatch):
     calls = []
-    monkeypatch.setattr("flows.ingest.init_ray", calls.append)
+    monkeypatch.setattr("flows.early.init_ray", calls.append)
     monkeypatch.setattr("tasks.ingest.run.list_dump",
                         lambda *a, **k: calls.append("listed"))
     assert warm_up("s3://bucket/dump", settings) is False
