@@ -17,7 +17,9 @@ starts.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +75,8 @@ class TemporaryServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env,
+            preexec_fn=_dies_with(os.getpid()) if sys.platform.startswith("linux") else None)
         return self
 
     def wait(self, timeout_s: float) -> None:
@@ -110,6 +113,18 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+def _dies_with(parent: int):
+    """For the server's process, before it runs: SIGTERM it when PARENT dies, even killed by
+    SIGKILL or the OOM killer, whose exit runs no clean-up (Linux's ``PR_SET_PDEATHSIG``, as Ray
+    does for its own daemons); without it a killed hourly ingest left a server behind each
+    time.  Launched from the main thread, which lives as long as the process."""
+    def set_parent_death_signal() -> None:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(0)
+    return set_parent_death_signal
 
 
 #: this process's server, at most one (Prefect keeps its own temporary server per process too)

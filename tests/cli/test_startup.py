@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,37 @@ def test_a_flow_runs_against_the_server_the_command_started(tmp_path):
     assert out["server_pid"] != os.getpid()
     assert out["parent_imported_server_app"] is False
     assert not Path(f"/proc/{out['server_pid']}").exists()
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import time
+    from mmrag.cli import startup
+    server = startup.start_server()
+    startup.ready(server)
+    print(server.process.pid, flush=True)
+    time.sleep(120)
+""")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_goes_when_the_command_is_killed(tmp_path):
+    """SIGKILL runs no exit handler: the server must still not outlive the command."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD], stdout=subprocess.PIPE,
+                             env=env | {"PREFECT_HOME": str(tmp_path)}, text=True)
+    server_pid = int(child.stdout.readline())
+    assert not _gone(server_pid)
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 15
+    while not _gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _gone(server_pid), "the Prefect server outlived the killed command"
