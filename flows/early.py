@@ -1,9 +1,9 @@
-"""What ``mmrag ingest`` starts before its flow: Ray, and the embedding pipeline for the files
-the flow is about to plan.
+"""What a command starts before its flow: Ray (``mmrag query``, ``mmrag ingest``), and for an
+ingest the embedding pipeline for the files the flow is about to plan.
 
-No Prefect here: the command starts this in a thread (``start``) while it imports Prefect and
-its flow, so Ray's daemons and the CLIP actors start seconds earlier, and the flow no longer
-waits for ``ray.init`` before it plans (``tasks.io.cluster.start_early``).
+No Prefect here: the command starts this in a thread while it imports Prefect and its flow,
+so Ray's daemons (and an ingest's CLIP actors) start seconds earlier, and the flow no longer
+waits for ``ray.init`` before its first steps (``tasks.io.cluster.start_early``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,17 @@ def start(source: str, settings: Settings) -> None:
     """``warm_up`` in a thread; the flow's own ``init_ray`` and the pipeline hand-over wait
     for it."""
     start_early(partial(warm_up, source, settings))
+
+
+def start_ray(settings: Settings) -> None:
+    """Ray (and Ray Data's import) in a thread, for a flow that always needs it: the query
+    flow embeds its queries and generates on Ray; its ``init_ray`` waits for this."""
+    start_early(partial(_ray, settings))
+
+
+def _ray(settings: Settings) -> None:
+    init_ray(config.ray(settings))
+    import ray.data  # noqa: F401 - imported here, beside Prefect's start, not in the flow
 
 
 def cool_down() -> bool:

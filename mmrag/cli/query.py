@@ -23,7 +23,7 @@ def query(
     """Retrieve images for each query and answer it with LLaVA; write answers as Parquet."""
     settings = settings_from(ctx, engine=engine or None, out=out or None)
     server = start_server()
-    from flows.query import query_flow
+    from flows import early
     from tasks.io.answers import check_writable
     from tasks.io.store import StoreError
     from tasks.query.generate import GenerationError
@@ -31,6 +31,9 @@ def query(
 
     try:  # before Prefect starts: one line, no traceback
         check_writable(settings.out, run_date)
+        early.start_ray(settings)
+        from flows.query import query_flow
+
         summary = run_flow(settings.work_dir, query_flow, queries, settings, run_id, run_date,
                            server=server)
     except (QueryFileError, StoreError, GenerationError, ValueError, OSError) as e:
