@@ -35,9 +35,7 @@ def warm_up(source: str, settings: Settings) -> bool:
                                      settings.table_suffix, config.storage(settings))
     if not expected:
         return False
-    init_ray(config.ray(settings))
-    import ray.data  # noqa: F401 - imported here, beside Prefect's start, not in the flow
-
+    _ray(settings)
     if settings.ingest_prestart:
         ingest.prestart_embedding(expected, settings.db, spec, settings.work_dir,
                                   config.pipeline_opts(settings), config.storage(settings))

@@ -89,17 +89,13 @@ def init_ray(config: RayConfig) -> None:
         logging.ERROR)
     # started from a thread (``start_early``), Ray leaves SIGTERM to the program: the ``mmrag``
     # script turns it into a clean exit itself
-    logging.getLogger("ray._private.worker").addFilter(_NO_SIGTERM_NOTICE)
+    logging.getLogger("ray._private.worker").addFilter(_no_sigterm_notice)
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True, _temp_dir=os.path.abspath(temp_dir))
 
 
-class _NoSigtermNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-
-_NO_SIGTERM_NOTICE = _NoSigtermNotice()
+def _no_sigterm_notice(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 def _connect(address: str) -> None:
