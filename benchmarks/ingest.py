@@ -12,7 +12,11 @@ bound and the per-image loop, all measured in one run on one machine.
   batch size (32 or 64): the image tower, and the image plus the caption's text tower (what the
   default ingest computes: caption vectors are on), at each precision (and the opt-in int8 with
   the cosine of its vectors to fp32's);
-- per-image loop: open, open_clip preprocess, ``encode_image`` batch 1, one-row ``add``.
+- per-image loop: open, open_clip preprocess, ``encode_image`` batch 1, one-row ``add``;
+- with running services (``BENCH_INGEST_SERVICES``, default on): the 12-image and N-image runs
+  again (each precision), against a Prefect server and a Ray head started before them
+  (``PREFECT_API_URL``, ``MMRAG_RAY_ADDRESS``), as a scheduled deployment runs; after one
+  untimed 12-image run, as the head has then served a run before.
 
 Same random-weight ViT-B-32 (same cost as the real one), same 640×480 JPEGs and captions.
 """
@@ -36,6 +40,7 @@ N_LOOP = int(os.environ.get("BENCH_LOOP_N", 150))
 #: 12-image runs timed (median): one run of this VM varied from 27 to 38 s
 SMALL_REPS = int(os.environ.get("BENCH_INGEST_SMALL_REPS", 3))
 BATCH = 64
+SERVICES = os.environ.get("BENCH_INGEST_SERVICES", "1") != "0"
 
 
 def per_image_loop(files: list[Path], ckpt: str) -> float:
@@ -99,14 +104,15 @@ def dump_captions(dump: Path, n: int) -> list[str]:
     return [c for c in frame["caption"].drop_nulls().to_list() if c.strip()][:n]
 
 
-def cli_ingest(dump: Path, ckpt: str, precision: str = "auto", work: Path | None = None
-               ) -> float:
+def cli_ingest(dump: Path, ckpt: str, precision: str = "auto", work: Path | None = None,
+               services: dict | None = None) -> float:
     """Seconds from starting ``mmrag ingest`` to its exit (fresh database unless ``work`` is
-    given, default settings)."""
+    given, default settings; ``services``: the environment that points it at running ones)."""
     work = work or Path(tempfile.mkdtemp(prefix="bench-cli-"))
-    env = os.environ | {"MMRAG_DB": str(work / "db"), "MMRAG_WORK_DIR": str(work / "w"),
-                        "MMRAG_CLIP_MODEL": "ViT-B-32", "MMRAG_CLIP_PRETRAINED": ckpt,
-                        "MMRAG_PRECISION": precision}
+    env = os.environ | (services or {}) | {
+        "MMRAG_DB": str(work / "db"), "MMRAG_WORK_DIR": str(work / "w"),
+        "MMRAG_CLIP_MODEL": "ViT-B-32", "MMRAG_CLIP_PRETRAINED": ckpt,
+        "MMRAG_PRECISION": precision}
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "mmrag.cli", "ingest", str(dump)], env=env,
                          capture_output=True, text=True, check=False)
@@ -125,10 +131,11 @@ def bounds(pixels: np.ndarray, captions: list[str], ckpt: str, precision: str) -
             "with_captions": 1 / (1 / image + 1 / text), "vectors": vectors}
 
 
-def run_precision(precision: str, big: Path, t_small: float, ckpt: str, bound: dict) -> dict:
+def run_precision(precision: str, big: Path, t_small: float, ckpt: str, bound: dict,
+                  services: dict | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
-    t_big = cli_ingest(big, ckpt, precision, work)
-    t_noop = cli_ingest(big, ckpt, precision, work)
+    t_big = cli_ingest(big, ckpt, precision, work, services)
+    t_noop = cli_ingest(big, ckpt, precision, work, services)
     e2e, steady = N_IMAGES / t_big, (N_IMAGES - N_SMALL) / (t_big - t_small)
     return {
         "cli_seconds": round(t_big, 1), "cli_img_s": round(e2e, 2),
@@ -140,6 +147,20 @@ def run_precision(precision: str, big: Path, t_small: float, ckpt: str, bound: d
         "steady_fraction_of_bound": round(steady / bound["with_captions"], 2),
         "cli_fraction_of_image_only_bound": round(e2e / bound["image"], 2),
     }
+
+
+def with_services(precisions: list[str], big: Path, small: Path, ckpt: str,
+                  measured: dict) -> dict:
+    """The fixed cost and the N-image runs against a running Prefect server and Ray head."""
+    from benchmarks.services import running_services
+
+    with running_services(Path(tempfile.mkdtemp(prefix="bench-services-"))) as services:
+        cli_ingest(small, ckpt, services=services)
+        t_small = float(np.median([cli_ingest(small, ckpt, services=services)
+                                   for _ in range(SMALL_REPS)]))
+        runs = {p: run_precision(p, big, t_small, ckpt, measured[p], services)
+                for p in precisions}
+    return {"fixed_cost_s": round(t_small, 1), "runs": runs}
 
 
 def main() -> None:
@@ -155,6 +176,7 @@ def main() -> None:
     captions = dump_captions(big, 256)
     measured = {p: bounds(pixels, captions, ckpt, p) for p in {*precisions, "fp32", "int8"}}
     runs = {p: run_precision(p, big, t_small, ckpt, measured[p]) for p in precisions}
+    warm = with_services(precisions, big, small, ckpt, measured) if SERVICES else None
     loop = per_image_loop(files[:N_LOOP], ckpt)
     v32, v8 = measured["fp32"]["vectors"], measured["int8"]["vectors"]
     record("ingest", {
@@ -165,4 +187,5 @@ def main() -> None:
                                 "mean": round(float((v8 * v32).sum(1).mean()), 4)},
         "per_image_loop_img_s": round(loop, 2),
         "cli_speedup_vs_loop": round(runs[precisions[0]]["cli_img_s"] / loop, 2),
+        "with_running_services": warm,
     })
