@@ -11,10 +11,10 @@ bound and the per-image loop, all measured in one run on one machine.
 - model bound: the model's own work per image on pre-decoded pixels, both cores, at its best
   batch size (32 or 64), measured before and again after the CLI runs (the faster of the two
   kept: this kind of VM drifts by 15-30 % within minutes): the image tower, and the image plus
-  the caption's text tower (what the
-  default ingest computes: caption vectors are on), at each precision (and the opt-in int8 with
-  the cosine of its vectors to fp32's); beside it, for reference, two one-thread processes
-  running the image tower at once (the ingest's layout without the pipeline);
+  the caption's text tower (what the default ingest computes: caption vectors are on), at each
+  precision (and the opt-in int8 with the cosine of its vectors to fp32's); beside it, for
+  reference, two one-thread processes running the image tower at once (the ingest's layout
+  without the pipeline);
 - per-image loop: open, open_clip preprocess, ``encode_image`` batch 1, one-row ``add``;
 - with running services (``BENCH_INGEST_SERVICES``, default on): the 12-image and N-image runs
   again (each precision), against a Prefect server and a Ray head started before them

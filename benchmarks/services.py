@@ -26,29 +26,30 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_services(work: Path, num_cpus: int | None = None) -> Iterator[dict[str, str]]:
+def running_services(work: Path) -> Iterator[dict[str, str]]:
     """Start both, wait until they answer, yield the environment a command needs to use them;
     stop both after.  The Ray head runs with ``--block``: its daemons end with that process.
     Ray 2.60 turns token authentication on when a token exists, so both sides get one."""
     work.mkdir(parents=True, exist_ok=True)
-    api, ray_port = f"http://127.0.0.1:{free_port()}/api", free_port()
+    prefect_port, ray_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
     env = {"PREFECT_API_URL": api, "MMRAG_RAY_ADDRESS": f"127.0.0.1:{ray_port}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     procs = []
     try:
         procs.append(_spawn(
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port",
-             api.split(":")[2].split("/")[0]], work / "prefect.log",
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            work / "prefect.log",
             PREFECT_HOME=str(work / "prefect"), PREFECT_UI_ENABLED="false",
             PREFECT_SERVER_ANALYTICS_ENABLED="false"))
         procs.append(_spawn(
             ["ray", "start", "--head", "--block", f"--port={ray_port}",
-             f"--num-cpus={num_cpus or os.cpu_count()}", f"--temp-dir={work / 'ray'}",
+             f"--num-cpus={os.cpu_count()}", f"--temp-dir={work / 'ray'}",
              "--include-dashboard=false", "--disable-usage-stats"], work / "ray.log",
             **{k: v for k, v in env.items() if k.startswith("RAY_")}))
-        _wait(lambda: _answers(f"{api}/health"), procs, "the Prefect server")
+        _wait(lambda: _answers(f"{api}/health"), procs, work / "prefect.log")
         _wait(lambda: "Ray runtime started" in (work / "ray.log").read_text(), procs,
-              "the Ray head")
+              work / "ray.log")
         yield env
     finally:
         for proc in reversed(procs):
@@ -70,11 +71,11 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait(ready, procs: list[subprocess.Popen], what: str, timeout: float = 180) -> None:
+def _wait(ready, procs: list[subprocess.Popen], log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not start (logs next to the benchmark's work dir)")
+            raise SystemExit(f"a service did not start; its log: {log}")
         time.sleep(0.5)
 
 
